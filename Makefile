@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Set-up is idempotent: the venv and the pinned packages are installed once (re-done when
+# requirements.txt changes), and the extension build is incremental (ninja).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-installed
+# torch.utils.cpp_extension guesses CUDA_HOME from the nvcc on PATH; setup.py finds the real
+# toolkit, this only silences the guess.
+export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) /usr/local)
+
+.PHONY: setup build test demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): requirements.txt | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(DEPS)
+
+setup: $(DEPS)
+
+build: setup
+	$(PY) setup.py --quiet build_ext --inplace
+
+test: build
+	$(PY) -m pytest tests -q
+
+demo: build
+	$(PY) -m coordgate_ext.demo
+
+bench: build
+	$(PY) -m pytest benchmarks -q
+
+clean:
+	rm -rf build coordgate_ext/*.so

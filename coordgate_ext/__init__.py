@@ -1,0 +1,25 @@
+"""coordgate_ext: fused CoordGate (coordinate-gated convolution) operators for PyTorch.
+
+    import coordgate_ext as cg
+    layer = cg.FusedCoordGateConv2d(32, 32, 3, padding=1)
+    out = layer(x)
+"""
+
+from . import ops  # noqa: F401  (registers the operators)
+from . import reference
+from .functional import coordgate_conv2d, mlp_gate
+from .nn import CoordGate, FusedCoordGateBlock2d, FusedCoordGateConv2d
+from .ops.dispatch import BackendUnavailableError, available_backends
+
+__all__ = [
+    "FusedCoordGateConv2d",
+    "FusedCoordGateBlock2d",
+    "CoordGate",
+    "coordgate_conv2d",
+    "mlp_gate",
+    "reference",
+    "available_backends",
+    "BackendUnavailableError",
+]
+
+__version__ = "0.1.0"

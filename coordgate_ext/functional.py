@@ -1,0 +1,152 @@
+"""The functional API: gate maps and the gated convolution, dispatched to a backend.
+
+Every function takes ``backend=`` ("auto", "reference", "cpu", "triton", "cuda"); the choice
+is made by coordgate_ext.ops.dispatch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .ops import dispatch
+
+__all__ = ["coordgate_conv2d", "mlp_gate", "conv2d_output_size", "PADDING_MODES"]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return value
+
+
+def _same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) padding of padding='same' at stride 1: the extra pixel of an
+    odd total goes to the bottom / right, as in nn.Conv2d."""
+    total_h = dilation[0] * (kernel[0] - 1)
+    total_w = dilation[1] * (kernel[1] - 1)
+    return (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+
+
+def _explicit_padding(padding, kernel, stride, dilation) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) for an int, pair, 'same' or 'valid' padding."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            return _same_padding(kernel, dilation)
+        raise ValueError(f"padding must be 'same', 'valid', an int or a pair; got {padding!r}")
+    ph, pw = _pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return (ph, ph, pw, pw)
+
+
+def conv2d_output_size(
+    height: int, width: int, kernel_size, stride=1, padding=0, dilation=1
+) -> tuple[int, int]:
+    """(Ho, Wo) of nn.Conv2d with these arguments (padding may be 'same' or 'valid')."""
+    kernel, stride, dilation = (_pair(kernel_size, "kernel_size"), _pair(stride, "stride"),
+                                _pair(dilation, "dilation"))
+    top, bottom, left, right = _explicit_padding(padding, kernel, stride, dilation)
+    ho = (height + top + bottom - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (width + left + right - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+def mlp_gate(
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    height: int,
+    width: int,
+    hidden_activation: str = "relu",
+    gate_activation: str = "relu",
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """(C, height, width) gate of an MLP coordinate encoder; see reference.mlp_gate."""
+    for name in (hidden_activation, gate_activation):
+        if name not in reference.ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {', '.join(reference.ACTIVATIONS)}; got {name!r}"
+            )
+    weights, biases = list(weights), list(biases)
+    if dispatch.resolve(backend, weights[0].device) == "reference":
+        return reference.mlp_gate(weights, biases, height, width, hidden_activation, gate_activation)
+    return torch.ops.coordgate_ext.mlp_gate(
+        weights, biases, height, width, hidden_activation, gate_activation
+    )
+
+
+def _autocast(*tensors):
+    """Casts floating tensors to the autocast dtype when autocast is on for their device."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def coordgate_conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gate: torch.Tensor,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    padding_mode: str = "zeros",
+    mix_weight: torch.Tensor | None = None,
+    mix_bias: torch.Tensor | None = None,
+    recompute: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Gated convolution: ``gate[None] * conv2d(input, weight, bias)``, then optionally a 1x1
+    channel mix ``conv2d(., mix_weight (Cout, C, 1, 1), mix_bias)``.
+
+    input (N, Cin, H, W); weight (C, Cin/groups, kh, kw); bias (C) or None; gate (C, Ho, Wo)
+    on the convolution's output grid. stride / padding / dilation / groups / padding_mode mean
+    what they mean for nn.Conv2d (padding may be 'same' or 'valid'). ``recompute=True`` keeps
+    only the input for backward and recomputes the convolution there. Returns (N, C, Ho, Wo),
+    or (N, Cout, Ho, Wo) with a mix.
+    """
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
+    if input.dim() != 4:
+        raise ValueError(f"coordgate_conv2d: expected a 4-D input (N, Cin, H, W), got {input.dim()}-D")
+    if weight.dim() != 4:
+        raise ValueError(
+            f"coordgate_conv2d: expected a 4-D weight (C, Cin/groups, kh, kw), got {weight.dim()}-D"
+        )
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    top, bottom, left, right = _explicit_padding(padding, tuple(weight.shape[2:]), stride, dilation)
+    if padding_mode != "zeros" or top != bottom or left != right:
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+        input = F.pad(input, (left, right, top, bottom), mode=mode)
+        top = left = 0
+    input, weight, bias, gate, mix_weight, mix_bias = _autocast(
+        input, weight, bias, gate, mix_weight, mix_bias
+    )
+    pad = (top, left)
+    if dispatch.resolve(backend, input.device) == "reference":
+        out = reference.gated_conv2d(input, weight, bias, gate, stride, pad, dilation, groups)
+    else:
+        save_conv = torch.is_grad_enabled() and gate.requires_grad and not recompute
+        out, _ = torch.ops.coordgate_ext.gated_conv2d(
+            input, weight, bias, gate, stride, pad, dilation, groups, save_conv
+        )
+    if mix_weight is not None:
+        out = F.conv2d(out, mix_weight, mix_bias)
+    return out

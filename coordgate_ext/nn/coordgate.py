@@ -1,0 +1,85 @@
+"""The paper's CoordGate module and a loader for the first author's trained weights."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .conv import _check_backend
+from .encoders import ENCODER_ALIASES, GateCache, make_encoder
+
+
+class CoordGate(GateCache, nn.Module):
+    """The first author's CoordGate: the gate on the module's input, then a 1x1 convolution,
+
+        out = conv1x1(x * g[None]),   g = encoder(H, W)  (C = channels)
+
+    Resolution independent: the gate is evaluated on each input's grid. The defaults
+    reproduce the author's "pos" encoder exactly: ``encoder_layers`` linear layers of width
+    ``channels`` with no hidden activation and a final ReLU. ``encoder`` may be "mlp" (alias
+    "pos"), "map" or "bilinear" (channels = 9).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int,
+        encoder: str = "mlp",
+        *,
+        encoder_layers: int = 2,
+        encoder_hidden: int | None = None,
+        hidden_activation: str = "none",
+        gate_activation: str = "relu",
+        map_size=(16, 16),
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.encoder_kind = ENCODER_ALIASES.get(encoder, encoder)
+        self.encoder = make_encoder(
+            encoder, channels, layers=encoder_layers,
+            hidden=channels if encoder_hidden is None else encoder_hidden,
+            hidden_activation=hidden_activation, gate_activation=gate_activation,
+            map_size=map_size, device=device, dtype=dtype,
+        )
+        self.conv = nn.Conv2d(channels, out_channels, 1, device=device, dtype=dtype)
+        self.backend = _check_backend(backend)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"CoordGate: expected a 4-D input (N, C, H, W), got {input.dim()}-D")
+        if input.shape[1] != self.encoder.out_channels:
+            raise ValueError(
+                f"CoordGate: expected {self.encoder.out_channels} input channels, got {input.shape[1]}"
+            )
+        gate = self.gate_map(input.shape[-2], input.shape[-1])
+        return self.conv(input * gate[None])
+
+    def load_author_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Loads a state dict saved from the first author's CoordGate class.
+
+        "pos": ``encoder.linear{i}.weight/bias`` and ``conv.weight/bias`` (the ``pos`` buffer,
+        the author's fixed coordinate grid, is not needed: the grid follows the input);
+        "map": ``map`` (1, C, Hm, Wm); "bilinear": ``map`` (1, 2, Hm, Wm) holding (dx, dy).
+        """
+        ours = {"conv.weight": state_dict["conv.weight"], "conv.bias": state_dict["conv.bias"]}
+        if self.encoder_kind == "mlp":
+            for i in range(len(self.encoder.layers)):
+                for name in ("weight", "bias"):
+                    ours[f"encoder.layers.{i}.{name}"] = state_dict[f"encoder.linear{i}.{name}"]
+            extra = {k for k in state_dict if k.startswith("encoder.linear")} - {
+                f"encoder.linear{i}.{n}" for i in range(len(self.encoder.layers)) for n in ("weight", "bias")
+            }
+            if extra:
+                raise ValueError(
+                    f"the author's state dict has encoder entries this module lacks: {sorted(extra)}; "
+                    "construct CoordGate with a matching encoder_layers"
+                )
+        else:
+            (author_map,) = state_dict["map"]
+            key = "encoder.map" if self.encoder_kind == "map" else "encoder.displacement"
+            ours[key] = author_map
+        self.load_state_dict(ours)

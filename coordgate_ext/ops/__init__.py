@@ -1,0 +1,7 @@
+"""Operator registration: loads coordgate_ext._C (the schemas and the C++ kernels) and
+registers, in Python, the fake kernels and the autograd formulas of every op."""
+
+from . import _library
+from . import gated_conv2d, mlp_gate  # noqa: F401  (registration side effects)
+
+__all__ = ["_library"]

@@ -1,0 +1,31 @@
+"""Loading of the compiled extension, with the reason when it cannot be loaded."""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "coordgate_ext"
+#: Every operator of the namespace, forward and backward (the tests check each has an
+#: opcheck case).
+OPS = ("mlp_gate", "mlp_gate_backward", "gated_conv2d", "gated_conv2d_backward")
+
+try:
+    from .. import _C  # noqa: F401  (registers the schemas and the kernels)
+
+    LOAD_ERROR: str | None = None
+except ImportError as exc:  # the extension has not been built
+    LOAD_ERROR = (
+        f"the C++ extension coordgate_ext._C could not be imported ({exc}); build it with "
+        "`make build` (or `python setup.py build_ext --inplace`)"
+    )
+
+
+def loaded() -> bool:
+    return LOAD_ERROR is None
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether coordgate_ext::op has a kernel registered for dispatch_key ("CPU", "CUDA")."""
+    if not loaded():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", dispatch_key)

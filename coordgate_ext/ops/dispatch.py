@@ -1,0 +1,71 @@
+"""Backend choice, in one place.
+
+``backend`` is one of "auto", "reference", "cpu", "triton", "cuda". "auto" takes the first
+available of the device's preference list; an explicit backend that cannot run raises
+BackendUnavailableError saying why and how to get it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _library
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+#: "auto" takes the first available, per device type.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that this install cannot run."""
+
+
+def _unavailable_reason(backend: str) -> str | None:
+    """None when the backend can run in this install, else why not and the fix."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if not _library.loaded():
+            return _library.LOAD_ERROR
+        return None
+    if backend == "triton":
+        return (
+            "the Triton kernels are not part of this version yet (tracked as the Triton "
+            "issue); use backend='reference' on CUDA tensors meanwhile"
+        )
+    if backend == "cuda":
+        if not _library.loaded():
+            return _library.LOAD_ERROR
+        if not _library.has_kernel("gated_conv2d", "CUDA"):
+            return (
+                "coordgate_ext._C was built without CUDA kernels (csrc/cuda holds none in this "
+                "version, or COORDGATE_CUDA=0 was set); use backend='reference' on CUDA tensors"
+            )
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible to torch"
+        return None
+    raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
+
+
+def available_backends() -> dict[str, str | None]:
+    """{backend: None if it can run here, else the reason it cannot and how to fix it}."""
+    return {name: _unavailable_reason(name) for name in BACKENDS}
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend that runs tensors on ``device`` for the requested ``backend``."""
+    if backend == "auto":
+        order = AUTO_ORDER.get(device.type, ("reference",))
+        return next(name for name in order if _unavailable_reason(name) is None)
+    reason = _unavailable_reason(backend)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} is not available: {reason}")
+    if backend == "cpu" and device.type != "cpu":
+        raise BackendUnavailableError(
+            f"backend 'cpu' runs on CPU tensors, got tensors on {device}; use backend='auto'"
+        )
+    if backend in ("triton", "cuda") and device.type != "cuda":
+        raise BackendUnavailableError(
+            f"backend {backend!r} runs on CUDA tensors, got tensors on {device}; use backend='auto'"
+        )
+    return backend

@@ -1,0 +1,65 @@
+"""Fake kernels and autograd of coordgate_ext::gated_conv2d."""
+
+from __future__ import annotations
+
+import torch
+
+from ._library import loaded
+
+
+def output_memory_format(input: torch.Tensor) -> torch.memory_format:
+    """The rule of csrc/ops.cpp: channels_last out when the input is channels_last (and not
+    also plain contiguous)."""
+    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+if loaded():
+
+    @torch.library.register_fake("coordgate_ext::gated_conv2d")
+    def _gated_conv2d_fake(input, weight, bias, gate, stride, padding, dilation, groups, save_conv):
+        torch._check(input.dim() == 4, lambda: "gated_conv2d: expected a 4-D input")
+        ho = conv_output_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+        wo = conv_output_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+        shape = (input.shape[0], weight.shape[0], ho, wo)
+        fmt = output_memory_format(input)
+        out = input.new_empty(shape).contiguous(memory_format=fmt)
+        conv = input.new_empty(shape).contiguous(memory_format=fmt) if save_conv else input.new_empty((0,))
+        return out, conv
+
+    @torch.library.register_fake("coordgate_ext::gated_conv2d_backward")
+    def _gated_conv2d_backward_fake(
+        grad_out, input, weight, bias, gate, conv_out, stride, padding, dilation, groups, output_mask
+    ):
+        need_input, need_weight, need_bias, need_gate = output_mask
+        fmt = output_memory_format(input)
+        empty = lambda: input.new_empty((0,))  # noqa: E731
+        grad_input = input.new_empty(input.shape).contiguous(memory_format=fmt) if need_input else empty()
+        grad_weight = weight.new_empty(weight.shape) if need_weight else empty()
+        grad_bias = input.new_empty((weight.shape[0],)) if need_bias and bias is not None else empty()
+        grad_gate = gate.new_empty(gate.shape) if need_gate else empty()
+        return grad_input, grad_weight, grad_bias, grad_gate
+
+    def _setup_context(ctx, inputs, output):
+        input, weight, bias, gate, stride, padding, dilation, groups, save_conv = inputs
+        _, conv = output
+        ctx.save_for_backward(input, weight, bias, gate, conv)
+        ctx.geometry = (stride, padding, dilation, groups)
+
+    def _backward(ctx, grad_out, _grad_conv):
+        input, weight, bias, gate, conv = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        mask = [needs[0], needs[1], needs[2] and bias is not None, needs[3]]
+        grads = torch.ops.coordgate_ext.gated_conv2d_backward(
+            grad_out, input, weight, bias, gate, conv, *ctx.geometry, mask
+        )
+        return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 5
+
+    torch.library.register_autograd(
+        "coordgate_ext::gated_conv2d", _backward, setup_context=_setup_context
+    )

@@ -1,0 +1,154 @@
+// The operator schemas of coordgate_ext (one TORCH_LIBRARY block) and the module init of
+// coordgate_ext._C. Kernels register themselves per backend (csrc/cpu, csrc/cuda); fake
+// kernels and autograd are registered in Python (coordgate_ext/ops).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace coordgate {
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "none") return Activation::kNone;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "sigmoid") return Activation::kSigmoid;
+  if (name == "tanh") return Activation::kTanh;
+  if (name == "silu") return Activation::kSilu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "softplus") return Activation::kSoftplus;
+  TORCH_CHECK(false,
+              "coordgate_ext: activation must be one of none, relu, sigmoid, tanh, silu, gelu, "
+              "softplus; got '", name, "'");
+}
+
+void check_mlp_args(at::TensorList weights, at::TensorList biases, int64_t height,
+                    int64_t width) {
+  TORCH_CHECK(!weights.empty(), "mlp_gate: expected at least one encoder layer, got none");
+  TORCH_CHECK(weights.size() == biases.size(), "mlp_gate: expected one bias per weight, got ",
+              weights.size(), " weights and ", biases.size(), " biases");
+  TORCH_CHECK(height > 0 && width > 0, "mlp_gate: expected a non-empty output grid, got ",
+              height, "x", width);
+  int64_t in_features = 2;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const auto& w = weights[l];
+    const auto& b = biases[l];
+    TORCH_CHECK(w.dim() == 2, "mlp_gate: encoder weight ", l, " must be 2-D (out, in), got ",
+                w.dim(), "-D");
+    TORCH_CHECK(w.size(1) == in_features, "mlp_gate: encoder width mismatch: layer ", l,
+                " expects ", w.size(1), " input features but the previous layer gives ",
+                in_features);
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), "mlp_gate: encoder bias ", l,
+                " must have shape (", w.size(0), "), got ", b.sizes());
+    TORCH_CHECK(w.scalar_type() == weights[0].scalar_type() &&
+                    b.scalar_type() == weights[0].scalar_type(),
+                "mlp_gate: every encoder parameter must have one dtype; got ",
+                w.scalar_type(), " and ", b.scalar_type(), " beside ",
+                weights[0].scalar_type());
+    TORCH_CHECK(w.device() == weights[0].device() && b.device() == weights[0].device(),
+                "mlp_gate: every encoder parameter must be on one device; got ", w.device(),
+                " and ", b.device(), " beside ", weights[0].device());
+    TORCH_CHECK(at::isFloatingType(w.scalar_type()),
+                "mlp_gate: encoder parameters must be floating point, got ", w.scalar_type());
+    in_features = w.size(0);
+  }
+}
+
+std::pair<int64_t, int64_t> check_gated_conv2d_args(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& gate, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(input.dim() == 4, "gated_conv2d: expected a 4-D input (N, Cin, H, W), got ",
+              input.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4,
+              "gated_conv2d: expected a 4-D weight (C, Cin/groups, kh, kw), got ",
+              weight.dim(), "-D");
+  TORCH_CHECK(gate.dim() == 3, "gated_conv2d: expected a 3-D gate (C, Ho, Wo), got ",
+              gate.dim(), "-D");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "gated_conv2d: stride, padding and dilation must have two entries each");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "gated_conv2d: stride must be positive, got ",
+              stride);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0,
+              "gated_conv2d: dilation must be positive, got ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0,
+              "gated_conv2d: padding must be non-negative, got ", padding);
+  TORCH_CHECK(groups > 0, "gated_conv2d: groups must be positive, got ", groups);
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dtype),
+              "gated_conv2d: expected a floating-point input, got ", dtype);
+  TORCH_CHECK(weight.scalar_type() == dtype && gate.scalar_type() == dtype &&
+                  (!bias || bias->scalar_type() == dtype),
+              "gated_conv2d: input, weight, bias and gate must have one dtype; got input ",
+              dtype, ", weight ", weight.scalar_type(), ", gate ", gate.scalar_type(),
+              bias ? ", bias " : "", bias ? c10::toString(bias->scalar_type()) : "");
+  TORCH_CHECK(weight.device() == input.device() && gate.device() == input.device() &&
+                  (!bias || bias->device() == input.device()),
+              "gated_conv2d: input, weight, bias and gate must be on one device; got input ",
+              input.device(), ", weight ", weight.device(), ", gate ", gate.device());
+  const int64_t channels = weight.size(0);
+  TORCH_CHECK(channels % groups == 0, "gated_conv2d: output channels (", channels,
+              ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(input.size(1) == weight.size(1) * groups, "gated_conv2d: expected input with ",
+              weight.size(1) * groups, " channels (weight ", weight.sizes(), ", groups ",
+              groups, "), got ", input.size(1));
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == channels,
+                "gated_conv2d: expected a bias of shape (", channels, "), got ",
+                bias->sizes());
+  }
+  const int64_t out_h = conv_out_size(input.size(2), weight.size(2), stride[0], padding[0],
+                                      dilation[0]);
+  const int64_t out_w = conv_out_size(input.size(3), weight.size(3), stride[1], padding[1],
+                                      dilation[1]);
+  TORCH_CHECK(out_h > 0 && out_w > 0, "gated_conv2d: the output would be empty (", out_h,
+              "x", out_w, ") for input ", input.sizes(), " and kernel ", weight.size(2), "x",
+              weight.size(3));
+  TORCH_CHECK(gate.size(0) == channels && gate.size(1) == out_h && gate.size(2) == out_w,
+              "gated_conv2d: expected a gate of shape (", channels, ", ", out_h, ", ", out_w,
+              "), got ", gate.sizes());
+  return {out_h, out_w};
+}
+
+at::MemoryFormat output_memory_format(const at::Tensor& input) {
+  return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous()
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+at::ScalarType compute_dtype(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16 ? at::kFloat : dtype;
+}
+
+}  // namespace coordgate
+
+TORCH_LIBRARY(coordgate_ext, m) {
+  // The (C, height, width) gate of an MLP coordinate encoder:
+  // gate[:, i, j] = gate_act(W_L ... hidden_act(W_1 [r_i, q_j] + b_1) ... + b_L),
+  // r = linspace(-1, 1, height), q = linspace(-1, 1, width).
+  m.def(
+      "mlp_gate(Tensor[] weights, Tensor[] biases, int height, int width, "
+      "str hidden_activation, str gate_activation) -> Tensor");
+  m.def(
+      "mlp_gate_backward(Tensor grad_gate, Tensor[] weights, Tensor[] biases, int height, "
+      "int width, str hidden_activation, str gate_activation) -> (Tensor[], Tensor[])");
+  // out = gate[None] * (conv2d(input, weight, bias, stride, padding, dilation, groups)).
+  // Returns (out, conv) where conv is the ungated convolution when save_conv is true (what
+  // backward needs for the gate gradient) and an empty tensor otherwise.
+  m.def(
+      "gated_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor gate, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool save_conv) -> (Tensor, Tensor)");
+  // Gradients (input, weight, bias, gate); an entry whose output_mask is false comes back
+  // as an empty tensor. An empty conv_out means: recompute it from input.
+  m.def(
+      "gated_conv2d_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor gate, Tensor conv_out, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+extern "C" {
+// coordgate_ext._C is imported only to run the static registrations above.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
