@@ -60,7 +60,9 @@ def _extension():
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(
         os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
     )
-    cxx_flags = ["-O3", "-fdiagnostics-color=always"]
+    # -fopenmp: at::parallel_for is header code that parallelises only when compiled with
+    # OpenMP (torch is built with it; its libgomp provides the runtime).
+    cxx_flags = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
     print(f"coordgate_ext build: torch {torch.__version__}, C++ CPU kernels: yes")
     if not build_cuda:
         print(f"coordgate_ext build: CUDA kernels: no ({reason})")

@@ -8,6 +8,7 @@
 #include <c10/macros/Macros.h>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace coordgate {
 
@@ -41,56 +42,72 @@ C10_HOST_DEVICE inline T sigmoid(T a) {
   return T(1) / (T(1) + ::exp(-a));
 }
 
-template <typename T>
-C10_HOST_DEVICE inline T activate(Activation act, T a) {
-  switch (act) {
-    case Activation::kRelu:
-      return a > T(0) ? a : T(0);
-    case Activation::kSigmoid:
-      return sigmoid(a);
-    case Activation::kTanh:
-      return ::tanh(a);
-    case Activation::kSilu:
-      return a * sigmoid(a);
-    case Activation::kGelu:
-      return T(0.5) * a * (T(1) + ::erf(a * T(M_SQRT1_2)));
-    case Activation::kSoftplus:
-      // torch.nn.functional.softplus with beta=1, threshold=20.
-      return a > T(20) ? a : ::log1p(::exp(a));
-    case Activation::kNone:
-    default:
-      return a;
+// phi(a) for a compile-time activation (gelu is the exact, erf form; softplus has beta 1 and
+// threshold 20, as torch.nn.functional.softplus).
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T activate(T a) {
+  if constexpr (A == Activation::kRelu) {
+    return a > T(0) ? a : T(0);
+  } else if constexpr (A == Activation::kSigmoid) {
+    return sigmoid(a);
+  } else if constexpr (A == Activation::kTanh) {
+    return ::tanh(a);
+  } else if constexpr (A == Activation::kSilu) {
+    return a * sigmoid(a);
+  } else if constexpr (A == Activation::kGelu) {
+    return T(0.5) * a * (T(1) + ::erf(a * T(M_SQRT1_2)));
+  } else if constexpr (A == Activation::kSoftplus) {
+    return a > T(20) ? a : ::log1p(::exp(a));
+  } else {
+    return a;
   }
 }
 
-// d activate(a) / d a, as a function of the pre-activation a.
-template <typename T>
-C10_HOST_DEVICE inline T activate_grad(Activation act, T a) {
+// d phi(a) / d a, as a function of the pre-activation a.
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T activate_grad(T a) {
+  if constexpr (A == Activation::kRelu) {
+    return a > T(0) ? T(1) : T(0);
+  } else if constexpr (A == Activation::kSigmoid) {
+    const T s = sigmoid(a);
+    return s * (T(1) - s);
+  } else if constexpr (A == Activation::kTanh) {
+    const T t = ::tanh(a);
+    return T(1) - t * t;
+  } else if constexpr (A == Activation::kSilu) {
+    const T s = sigmoid(a);
+    return s * (T(1) + a * (T(1) - s));
+  } else if constexpr (A == Activation::kGelu) {
+    const T cdf = T(0.5) * (T(1) + ::erf(a * T(M_SQRT1_2)));
+    const T pdf = ::exp(T(-0.5) * a * a) * T(0.3989422804014327);  // 1 / sqrt(2 pi)
+    return cdf + a * pdf;
+  } else if constexpr (A == Activation::kSoftplus) {
+    return a > T(20) ? T(1) : sigmoid(a);
+  } else {
+    return T(1);
+  }
+}
+
+// Calls f(std::integral_constant<Activation, act>{}): a runtime activation turned into a
+// compile-time one, so that loops over pixels carry no branch on it.
+template <typename F>
+C10_HOST_DEVICE inline decltype(auto) with_activation(Activation act, F&& f) {
   switch (act) {
     case Activation::kRelu:
-      return a > T(0) ? T(1) : T(0);
-    case Activation::kSigmoid: {
-      const T s = sigmoid(a);
-      return s * (T(1) - s);
-    }
-    case Activation::kTanh: {
-      const T t = ::tanh(a);
-      return T(1) - t * t;
-    }
-    case Activation::kSilu: {
-      const T s = sigmoid(a);
-      return s * (T(1) + a * (T(1) - s));
-    }
-    case Activation::kGelu: {
-      const T cdf = T(0.5) * (T(1) + ::erf(a * T(M_SQRT1_2)));
-      const T pdf = ::exp(T(-0.5) * a * a) * T(0.3989422804014327);  // 1/sqrt(2 pi)
-      return cdf + a * pdf;
-    }
+      return f(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kSigmoid:
+      return f(std::integral_constant<Activation, Activation::kSigmoid>{});
+    case Activation::kTanh:
+      return f(std::integral_constant<Activation, Activation::kTanh>{});
+    case Activation::kSilu:
+      return f(std::integral_constant<Activation, Activation::kSilu>{});
+    case Activation::kGelu:
+      return f(std::integral_constant<Activation, Activation::kGelu>{});
     case Activation::kSoftplus:
-      return a > T(20) ? T(1) : sigmoid(a);
+      return f(std::integral_constant<Activation, Activation::kSoftplus>{});
     case Activation::kNone:
     default:
-      return T(1);
+      return f(std::integral_constant<Activation, Activation::kNone>{});
   }
 }
 

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <array>
@@ -127,6 +128,8 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
     const at::Tensor& gate, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool save_conv) {
   check_gated_conv2d_args(input, weight, bias, gate, stride, padding, dilation, groups);
+  // The kernels call ATen ops: keep them off the autograd graph.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto dtype = input.scalar_type();
   const auto cdtype = compute_dtype(dtype);
   const auto fmt = output_memory_format(input);
@@ -152,6 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_conv2d_backward
     std::array<bool, 4> output_mask) {
   const auto [out_h, out_w] =
       check_gated_conv2d_args(input, weight, bias, gate, stride, padding, dilation, groups);
+  // The kernels call ATen ops: keep them off the autograd graph.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t N = input.size(0), C = weight.size(0), P = out_h * out_w;
   const std::vector<int64_t> out_shape{N, C, out_h, out_w};
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape),

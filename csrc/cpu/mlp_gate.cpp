@@ -1,13 +1,14 @@
 // CPU kernels of coordgate_ext::mlp_gate and mlp_gate_backward.
 //
-// The grid's pixels are cut into tiles of kTile pixels. A tile's activations live in small
-// structure-of-arrays buffers ([feature][pixel], pixel fastest) so that every layer is a
-// short loop nest whose innermost loop runs over kTile contiguous pixels and vectorises.
+// The grid's pixels are cut into tiles of kTile pixels. A tile's activations are small
+// feature-major matrices (features x pixels): every layer is one GEMM on the tile (ATen's
+// BLAS, single-threaded inside the parallel loop) and one vectorised element-wise pass.
 // Nothing of size (pixels x hidden) is ever allocated: backward recomputes a tile's forward
 // before propagating through it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -17,211 +18,175 @@
 namespace coordgate {
 namespace {
 
-constexpr int64_t kTile = 64;
-// Gradient partial sums are kept per block of a fixed number of pixels and added in block
-// order, so the result does not depend on the number of threads.
-constexpr int64_t kTilesPerBlock = 16;
+// Pixels per tile: a tile's activations (features x kTile) stay in L2. Gradient partial sums
+// are kept per tile and added in tile order, so the result does not depend on the number of
+// threads.
+constexpr int64_t kTile = 2048;
 
-template <typename T>
 struct Mlp {
-  std::vector<const T*> weight, bias;
-  std::vector<int64_t> in, out;
+  std::vector<at::Tensor> weight, bias;  // compute dtype, contiguous; bias as (out, 1)
   Activation hidden, gate;
   int64_t layers() const { return static_cast<int64_t>(weight.size()); }
+  Activation activation(int64_t l) const { return l + 1 == layers() ? gate : hidden; }
 };
 
+// out = act(a), element-wise over n contiguous values.
 template <typename T>
-Mlp<T> make_mlp(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& b,
-                Activation hidden, Activation gate) {
-  Mlp<T> m;
-  for (size_t l = 0; l < w.size(); ++l) {
-    m.weight.push_back(w[l].data_ptr<T>());
-    m.bias.push_back(b[l].data_ptr<T>());
-    m.out.push_back(w[l].size(0));
-    m.in.push_back(w[l].size(1));
-  }
-  m.hidden = hidden;
-  m.gate = gate;
-  return m;
+void apply_activation(Activation act, const T* a, T* out, int64_t n) {
+  with_activation(act, [&](auto A) {
+    for (int64_t k = 0; k < n; ++k) out[k] = activate<decltype(A)::value>(a[k]);
+  });
 }
 
-// y[o][p] = bias[o] + sum_i weight[o][i] * x[i][p] for the kTile pixels p of a tile.
+// delta *= act'(a), element-wise over n contiguous values.
 template <typename T>
-inline void tile_linear(const T* weight, const T* bias, int64_t in, int64_t out, const T* x,
-                        T* y) {
-  for (int64_t o = 0; o < out; ++o) {
-    T* yo = y + o * kTile;
-    const T bo = bias[o];
-    for (int64_t p = 0; p < kTile; ++p) yo[p] = bo;
-    for (int64_t i = 0; i < in; ++i) {
-      const T w = weight[o * in + i];
-      const T* xi = x + i * kTile;
-      for (int64_t p = 0; p < kTile; ++p) yo[p] += w * xi[p];
+void scale_by_activation_grad(Activation act, const T* a, T* delta, int64_t n) {
+  with_activation(act, [&](auto A) {
+    for (int64_t k = 0; k < n; ++k) delta[k] *= activate_grad<decltype(A)::value>(a[k]);
+  });
+}
+
+// A tile's forward state: coordinates (2, count), and per layer the pre-activation and the
+// activation (out_l, count).
+struct Tile {
+  at::Tensor coords;
+  std::vector<at::Tensor> pre, act;
+
+  Tile(const Mlp& m, const at::TensorOptions& options) : coords(at::empty({2, kTile}, options)) {
+    for (const auto& w : m.weight) {
+      pre.push_back(at::empty({w.size(0), kTile}, options));
+      act.push_back(at::empty({w.size(0), kTile}, options));
     }
   }
-}
 
-// Per-thread buffers of one tile: the coordinates, and each layer's pre-activation and
-// activation.
-template <typename T>
-struct TileBuffers {
-  std::vector<T> coords;
-  std::vector<std::vector<T>> pre, act;
-  explicit TileBuffers(const Mlp<T>& m) : coords(2 * kTile) {
+  // Forward for pixels [p0, p0 + count) of the height x width grid. Returns the tile's gate
+  // (C, count), a view of act.back().
+  template <typename T>
+  at::Tensor forward(const Mlp& m, int64_t p0, int64_t count, int64_t height, int64_t width) {
+    auto xy = coords.narrow(1, 0, count);
+    T* r = xy.data_ptr<T>();
+    T* q = r + kTile;
+    for (int64_t p = 0; p < count; ++p) {
+      r[p] = grid_coordinate<T>((p0 + p) / width, height);
+      q[p] = grid_coordinate<T>((p0 + p) % width, width);
+    }
+    at::Tensor x = xy;
     for (int64_t l = 0; l < m.layers(); ++l) {
-      pre.emplace_back(m.out[l] * kTile);
-      act.emplace_back(m.out[l] * kTile);
+      auto a = pre[l].narrow(1, 0, count);
+      auto h = act[l].narrow(1, 0, count);
+      at::addmm_out(a, m.bias[l], m.weight[l], x);
+      for (int64_t o = 0; o < a.size(0); ++o) {
+        apply_activation(m.activation(l), a[o].data_ptr<T>(), h[o].data_ptr<T>(), count);
+      }
+      x = h;
     }
+    return x;
   }
 };
 
-// Forward through every layer for pixels [p0, p0 + count) of the height x width grid.
-// Pixels past count (the last, partial tile) get coordinate 0; their results are not used.
 template <typename T>
-void tile_forward(const Mlp<T>& m, int64_t p0, int64_t count, int64_t height, int64_t width,
-                  TileBuffers<T>& buf) {
-  T* r = buf.coords.data();
-  T* q = r + kTile;
-  for (int64_t p = 0; p < kTile; ++p) {
-    const int64_t pixel = p0 + p;
-    const bool valid = p < count;
-    r[p] = valid ? grid_coordinate<T>(pixel / width, height) : T(0);
-    q[p] = valid ? grid_coordinate<T>(pixel % width, width) : T(0);
-  }
-  const T* x = buf.coords.data();
-  for (int64_t l = 0; l < m.layers(); ++l) {
-    tile_linear(m.weight[l], m.bias[l], m.in[l], m.out[l], x, buf.pre[l].data());
-    const Activation act = l + 1 == m.layers() ? m.gate : m.hidden;
-    const T* a = buf.pre[l].data();
-    T* h = buf.act[l].data();
-    for (int64_t k = 0; k < m.out[l] * kTile; ++k) h[k] = activate(act, a[k]);
-    x = h;
-  }
-}
-
-template <typename T>
-void mlp_gate_kernel(const Mlp<T>& m, int64_t height, int64_t width, T* gate) {
+void mlp_gate_kernel(const Mlp& m, int64_t height, int64_t width, at::Tensor& gate) {
   const int64_t pixels = height * width;
   const int64_t tiles = (pixels + kTile - 1) / kTile;
-  const int64_t channels = m.out.back();
-  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-    TileBuffers<T> buf(m);
+  auto gate2d = gate.view({gate.size(0), pixels});
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    // Grad mode and dispatch state are thread-local: set them on every worker.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tile tile(m, gate.options());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p0 = t * kTile;
       const int64_t count = std::min(kTile, pixels - p0);
-      tile_forward(m, p0, count, height, width, buf);
-      const T* h = buf.act.back().data();
-      for (int64_t c = 0; c < channels; ++c) {
-        for (int64_t p = 0; p < count; ++p) gate[c * pixels + p0 + p] = h[c * kTile + p];
-      }
+      gate2d.narrow(1, p0, count).copy_(tile.forward<T>(m, p0, count, height, width));
     }
   });
 }
 
-// Accumulates the encoder's parameter gradients of one tile into grad (laid out as
-// [W_0, b_0, W_1, b_1, ...], each row-major). grad_gate is (C, pixels) contiguous.
 template <typename T>
-void tile_backward(const Mlp<T>& m, int64_t p0, int64_t count, int64_t pixels,
-                   const T* grad_gate, TileBuffers<T>& buf, std::vector<T>& delta,
-                   std::vector<T>& delta_prev, const std::vector<int64_t>& offsets, T* grad) {
-  const int64_t L = m.layers();
-  const int64_t channels = m.out.back();
-  // delta = d loss / d pre-activation of the current layer.
-  for (int64_t c = 0; c < channels; ++c) {
-    const T* a = buf.pre[L - 1].data() + c * kTile;
-    T* d = delta.data() + c * kTile;
-    for (int64_t p = 0; p < kTile; ++p) {
-      d[p] = p < count ? grad_gate[c * pixels + p0 + p] * activate_grad(m.gate, a[p]) : T(0);
-    }
-  }
-  for (int64_t l = L - 1; l >= 0; --l) {
-    const int64_t in = m.in[l];
-    const int64_t out = m.out[l];
-    const T* x = l == 0 ? buf.coords.data() : buf.act[l - 1].data();
-    T* gw = grad + offsets[l];
-    T* gb = gw + out * in;
-    for (int64_t o = 0; o < out; ++o) {
-      const T* d = delta.data() + o * kTile;
-      T sb = T(0);
-      for (int64_t p = 0; p < kTile; ++p) sb += d[p];
-      gb[o] += sb;
-      for (int64_t i = 0; i < in; ++i) {
-        const T* xi = x + i * kTile;
-        T s = T(0);
-        for (int64_t p = 0; p < kTile; ++p) s += d[p] * xi[p];
-        gw[o * in + i] += s;
-      }
-    }
-    if (l == 0) break;
-    // delta_prev[i] = hidden'(pre_{l-1}[i]) * sum_o W_l[o][i] * delta[o]
-    std::fill(delta_prev.begin(), delta_prev.begin() + in * kTile, T(0));
-    for (int64_t o = 0; o < out; ++o) {
-      const T* d = delta.data() + o * kTile;
-      for (int64_t i = 0; i < in; ++i) {
-        const T w = m.weight[l][o * in + i];
-        T* dp = delta_prev.data() + i * kTile;
-        for (int64_t p = 0; p < kTile; ++p) dp[p] += w * d[p];
-      }
-    }
-    const T* a = buf.pre[l - 1].data();
-    for (int64_t k = 0; k < in * kTile; ++k) delta_prev[k] *= activate_grad(m.hidden, a[k]);
-    std::swap(delta, delta_prev);
-  }
-}
-
-template <typename T>
-void mlp_gate_backward_kernel(const Mlp<T>& m, int64_t height, int64_t width,
-                              const T* grad_gate, const std::vector<int64_t>& offsets,
-                              int64_t num_params, T* grad) {
+void mlp_gate_backward_kernel(const Mlp& m, int64_t height, int64_t width,
+                              const at::Tensor& grad_gate, std::vector<at::Tensor>& grad_w,
+                              std::vector<at::Tensor>& grad_b) {
   const int64_t pixels = height * width;
   const int64_t tiles = (pixels + kTile - 1) / kTile;
-  const int64_t blocks = (tiles + kTilesPerBlock - 1) / kTilesPerBlock;
+  const int64_t L = m.layers();
+  const auto options = grad_gate.options();
+  auto gg2d = grad_gate.view({grad_gate.size(0), pixels});
+  // Per-tile partial gradients, (tiles, out, in) and (tiles, out).
+  std::vector<at::Tensor> part_w, part_b;
   int64_t max_width = 2;
-  for (int64_t l = 0; l < m.layers(); ++l) max_width = std::max(max_width, m.out[l]);
-  std::vector<T> partial(blocks * num_params, T(0));
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    TileBuffers<T> buf(m);
-    std::vector<T> delta(max_width * kTile), delta_prev(max_width * kTile);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      T* g = partial.data() + blk * num_params;
-      const int64_t t_end = std::min(tiles, (blk + 1) * kTilesPerBlock);
-      for (int64_t t = blk * kTilesPerBlock; t < t_end; ++t) {
-        const int64_t p0 = t * kTile;
-        const int64_t count = std::min(kTile, pixels - p0);
-        tile_forward(m, p0, count, height, width, buf);
-        tile_backward(m, p0, count, pixels, grad_gate, buf, delta, delta_prev, offsets, g);
+  for (const auto& w : m.weight) {
+    part_w.push_back(at::empty({tiles, w.size(0), w.size(1)}, options));
+    part_b.push_back(at::empty({tiles, w.size(0)}, options));
+    max_width = std::max(max_width, w.size(0));
+  }
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    // Grad mode and dispatch state are thread-local: set them on every worker.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tile tile(m, options);
+    auto delta_buf = at::empty({max_width, kTile}, options);
+    auto prev_buf = at::empty({max_width, kTile}, options);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p0 = t * kTile;
+      const int64_t count = std::min(kTile, pixels - p0);
+      tile.forward<T>(m, p0, count, height, width);
+      // delta = d loss / d pre-activation of layer l, (out_l, count).
+      auto delta = delta_buf.narrow(0, 0, m.weight[L - 1].size(0)).narrow(1, 0, count);
+      delta.copy_(gg2d.narrow(1, p0, count));
+      for (int64_t l = L - 1; l >= 0; --l) {
+        auto a = tile.pre[l].narrow(1, 0, count);
+        if (l == L - 1) {
+          for (int64_t o = 0; o < delta.size(0); ++o) {
+            scale_by_activation_grad(m.gate, a[o].data_ptr<T>(), delta[o].data_ptr<T>(), count);
+          }
+        }
+        const auto x = l == 0 ? tile.coords.narrow(1, 0, count)
+                              : tile.act[l - 1].narrow(1, 0, count);
+        auto tile_grad_w = part_w[l][t];
+        auto tile_grad_b = part_b[l][t];
+        at::mm_out(tile_grad_w, delta, x.t());
+        at::sum_out(tile_grad_b, delta, {1});
+        if (l == 0) break;
+        auto prev = prev_buf.narrow(0, 0, m.weight[l].size(1)).narrow(1, 0, count);
+        at::mm_out(prev, m.weight[l].t(), delta);
+        auto a_prev = tile.pre[l - 1].narrow(1, 0, count);
+        for (int64_t i = 0; i < prev.size(0); ++i) {
+          scale_by_activation_grad(m.hidden, a_prev[i].data_ptr<T>(), prev[i].data_ptr<T>(),
+                                   count);
+        }
+        std::swap(delta_buf, prev_buf);
+        delta = prev;
       }
     }
   });
-  std::fill(grad, grad + num_params, T(0));
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const T* g = partial.data() + blk * num_params;
-    for (int64_t k = 0; k < num_params; ++k) grad[k] += g[k];
+  for (int64_t l = 0; l < L; ++l) {
+    grad_w.push_back(part_w[l].sum(0));
+    grad_b.push_back(part_b[l].sum(0));
   }
 }
 
-std::vector<at::Tensor> to_compute(at::TensorList ts, at::ScalarType dtype) {
-  std::vector<at::Tensor> out;
-  for (const auto& t : ts) out.push_back(t.to(dtype).contiguous());
-  return out;
+Mlp make_mlp(at::TensorList weights, at::TensorList biases, at::ScalarType dtype,
+             c10::string_view hidden_activation, c10::string_view gate_activation) {
+  Mlp m;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    m.weight.push_back(weights[l].to(dtype).contiguous());
+    m.bias.push_back(biases[l].to(dtype).contiguous().unsqueeze(1));
+  }
+  m.hidden = parse_activation(hidden_activation);
+  m.gate = parse_activation(gate_activation);
+  return m;
 }
 
 at::Tensor mlp_gate_cpu(at::TensorList weights, at::TensorList biases, int64_t height,
                         int64_t width, c10::string_view hidden_activation,
                         c10::string_view gate_activation) {
   check_mlp_args(weights, biases, height, width);
-  const Activation hidden = parse_activation(hidden_activation);
-  const Activation gate_act = parse_activation(gate_activation);
+  // The kernels call ATen ops: keep them off the autograd graph.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto dtype = weights[0].scalar_type();
   const auto cdtype = compute_dtype(dtype);
-  const auto w = to_compute(weights, cdtype);
-  const auto b = to_compute(biases, cdtype);
-  const int64_t channels = w.back().size(0);
-  auto gate = at::empty({channels, height, width}, w[0].options());
-  AT_DISPATCH_FLOATING_TYPES(cdtype, "mlp_gate_cpu", [&] {
-    const auto m = make_mlp<scalar_t>(w, b, hidden, gate_act);
-    mlp_gate_kernel<scalar_t>(m, height, width, gate.data_ptr<scalar_t>());
-  });
+  const Mlp m = make_mlp(weights, biases, cdtype, hidden_activation, gate_activation);
+  auto gate = at::empty({m.weight.back().size(0), height, width}, m.weight[0].options());
+  AT_DISPATCH_FLOATING_TYPES(cdtype, "mlp_gate_cpu",
+                             [&] { mlp_gate_kernel<scalar_t>(m, height, width, gate); });
   return gate.to(dtype);
 }
 
@@ -229,37 +194,24 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_gate_backward_c
     const at::Tensor& grad_gate, at::TensorList weights, at::TensorList biases, int64_t height,
     int64_t width, c10::string_view hidden_activation, c10::string_view gate_activation) {
   check_mlp_args(weights, biases, height, width);
+  // The kernels call ATen ops: keep them off the autograd graph.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t channels = weights.back().size(0);
   TORCH_CHECK(grad_gate.dim() == 3 && grad_gate.size(0) == channels &&
                   grad_gate.size(1) == height && grad_gate.size(2) == width,
               "mlp_gate_backward: expected grad_gate of shape (", channels, ", ", height, ", ",
               width, "), got ", grad_gate.sizes());
-  const Activation hidden = parse_activation(hidden_activation);
-  const Activation gate_act = parse_activation(gate_activation);
   const auto dtype = weights[0].scalar_type();
   const auto cdtype = compute_dtype(dtype);
-  const auto w = to_compute(weights, cdtype);
-  const auto b = to_compute(biases, cdtype);
+  const Mlp m = make_mlp(weights, biases, cdtype, hidden_activation, gate_activation);
   const auto gg = grad_gate.to(cdtype).contiguous();
-  std::vector<int64_t> offsets;
-  int64_t num_params = 0;
-  for (const auto& wl : w) {
-    offsets.push_back(num_params);
-    num_params += wl.numel() + wl.size(0);
-  }
-  auto grad = at::empty({num_params}, w[0].options());
-  AT_DISPATCH_FLOATING_TYPES(cdtype, "mlp_gate_backward_cpu", [&] {
-    const auto m = make_mlp<scalar_t>(w, b, hidden, gate_act);
-    mlp_gate_backward_kernel<scalar_t>(m, height, width, gg.data_ptr<scalar_t>(), offsets,
-                                       num_params, grad.data_ptr<scalar_t>());
-  });
   std::vector<at::Tensor> grad_w, grad_b;
-  for (size_t l = 0; l < w.size(); ++l) {
-    const int64_t out = w[l].size(0);
-    const int64_t in = w[l].size(1);
-    grad_w.push_back(
-        grad.narrow(0, offsets[l], out * in).view({out, in}).to(dtype, false, /*copy=*/true));
-    grad_b.push_back(grad.narrow(0, offsets[l] + out * in, out).to(dtype, false, /*copy=*/true));
+  AT_DISPATCH_FLOATING_TYPES(cdtype, "mlp_gate_backward_cpu", [&] {
+    mlp_gate_backward_kernel<scalar_t>(m, height, width, gg, grad_w, grad_b);
+  });
+  for (size_t l = 0; l < grad_w.size(); ++l) {
+    grad_w[l] = grad_w[l].to(dtype);
+    grad_b[l] = grad_b[l].to(dtype);
   }
   return {grad_w, grad_b};
 }
