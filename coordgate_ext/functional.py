@@ -81,11 +81,20 @@ def mlp_gate(
                 f"activation must be one of {', '.join(reference.ACTIVATIONS)}; got {name!r}"
             )
     weights, biases = list(weights), list(biases)
+    if not weights:
+        # An empty tensor list cannot be dispatched to any kernel: say so here.
+        raise ValueError("mlp_gate: expected at least one encoder layer, got none")
     if dispatch.resolve(backend, weights[0].device) == "reference":
         return reference.mlp_gate(weights, biases, height, width, hidden_activation, gate_activation)
     return torch.ops.coordgate_ext.mlp_gate(
         weights, biases, height, width, hidden_activation, gate_activation
     )
+
+
+def _memory_format(input: torch.Tensor) -> torch.memory_format:
+    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _autocast(*tensors):
@@ -130,11 +139,20 @@ def coordgate_conv2d(
         raise ValueError(
             f"coordgate_conv2d: expected a 4-D weight (C, Cin/groups, kh, kw), got {weight.dim()}-D"
         )
+    for name, t in (("weight", weight), ("bias", bias), ("gate", gate), ("mix_weight", mix_weight),
+                    ("mix_bias", mix_bias)):
+        if t is not None and t.device != input.device:
+            raise ValueError(
+                f"coordgate_conv2d: every tensor must be on the input's device ({input.device}); "
+                f"{name} is on {t.device}"
+            )
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     top, bottom, left, right = _explicit_padding(padding, tuple(weight.shape[2:]), stride, dilation)
     if padding_mode != "zeros" or top != bottom or left != right:
         mode = "constant" if padding_mode == "zeros" else padding_mode
-        input = F.pad(input, (left, right, top, bottom), mode=mode)
+        memory_format = _memory_format(input)
+        # Some padding modes return NCHW whatever the input: channels_last in, channels_last out.
+        input = F.pad(input, (left, right, top, bottom), mode=mode).contiguous(memory_format=memory_format)
         top = left = 0
     input, weight, bias, gate, mix_weight, mix_bias = _autocast(
         input, weight, bias, gate, mix_weight, mix_bias

@@ -75,7 +75,13 @@ class FusedCoordGateConv2d(GateCache, nn.Conv2d):
     def _gated(self, input: torch.Tensor, mix_weight=None, mix_bias=None) -> torch.Tensor:
         if input.dim() != 4:
             raise ValueError(f"{type(self).__name__}: expected a 4-D input (N, C, H, W), got {input.dim()}-D")
-        gate = self.gate_map(*self.output_size(input.shape[-2], input.shape[-1]))
+        out_h, out_w = self.output_size(input.shape[-2], input.shape[-1])
+        if out_h <= 0 or out_w <= 0:
+            raise ValueError(
+                f"{type(self).__name__}: the output would be empty ({out_h}x{out_w}) for an input of "
+                f"{input.shape[-2]}x{input.shape[-1]} and kernel {self.kernel_size}"
+            )
+        gate = self.gate_map(out_h, out_w)
         return functional.coordgate_conv2d(
             input, self.weight, self.bias, gate, self.stride, self.padding, self.dilation,
             self.groups, padding_mode=self.padding_mode, mix_weight=mix_weight,

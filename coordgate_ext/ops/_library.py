@@ -29,3 +29,16 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     if not loaded():
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", dispatch_key)
+
+
+def _double_backward_unsupported():
+    """Autograd of a backward op: differentiating through it is not supported, and says so
+    instead of silently returning no gradient."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "coordgate_ext: double backward (create_graph=True through a coordgate_ext op) is "
+            "not supported"
+        )
+
+    return backward

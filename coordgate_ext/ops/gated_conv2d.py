@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import loaded
+from ._library import _double_backward_unsupported, loaded
 
 
 def output_memory_format(input: torch.Tensor) -> torch.memory_format:
@@ -62,4 +62,8 @@ if loaded():
 
     torch.library.register_autograd(
         "coordgate_ext::gated_conv2d", _backward, setup_context=_setup_context
+    )
+
+    torch.library.register_autograd(
+        "coordgate_ext::gated_conv2d_backward", _double_backward_unsupported(), setup_context=lambda ctx, inputs, output: None
     )

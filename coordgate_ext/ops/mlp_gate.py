@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import loaded
+from ._library import _double_backward_unsupported, loaded
 
 if loaded():
 
@@ -34,4 +34,8 @@ if loaded():
 
     torch.library.register_autograd(
         "coordgate_ext::mlp_gate", _backward, setup_context=_setup_context
+    )
+
+    torch.library.register_autograd(
+        "coordgate_ext::mlp_gate_backward", _double_backward_unsupported(), setup_context=lambda ctx, inputs, output: None
     )

@@ -24,8 +24,8 @@ enum class Activation : int64_t {
   kSoftplus = 6,
 };
 
-// linspace(-1, 1, n)[i], evaluated exactly as torch.linspace does (from the nearer end), so
-// that the kernels and the reference see the same coordinates.
+// linspace(-1, 1, n)[i], evaluated as torch.linspace does (from the nearer end), so that the
+// kernels and the reference see the same coordinates up to rounding.
 template <typename T>
 C10_HOST_DEVICE inline T grid_coordinate(int64_t i, int64_t n) {
   if (n <= 1) {

@@ -158,11 +158,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_conv2d_backward
   // The kernels call ATen ops: keep them off the autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t N = input.size(0), C = weight.size(0), P = out_h * out_w;
-  const std::vector<int64_t> out_shape{N, C, out_h, out_w};
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape),
+  const std::vector<int64_t> out_shape_vec{N, C, out_h, out_w};
+  const at::IntArrayRef out_shape(out_shape_vec);
+  TORCH_CHECK(grad_out.sizes() == out_shape,
               "gated_conv2d_backward: expected grad_out of shape ", out_shape, ", got ",
               grad_out.sizes());
-  TORCH_CHECK(conv_out.numel() == 0 || conv_out.sizes() == at::IntArrayRef(out_shape),
+  TORCH_CHECK(conv_out.numel() == 0 || conv_out.sizes() == out_shape,
               "gated_conv2d_backward: expected conv_out of shape ", out_shape,
               " or empty (recompute), got ", conv_out.sizes());
   const auto dtype = input.scalar_type();

@@ -1,0 +1,150 @@
+"""Clear errors for bad input, each message checked: the public API and the ops directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import coordgate_ext as cg
+from coordgate_ext.ops import dispatch
+
+ops = torch.ops.coordgate_ext
+
+
+def _conv_args(**overrides):
+    args = dict(
+        input=torch.randn(2, 4, 8, 8),
+        weight=torch.randn(6, 4, 3, 3),
+        bias=torch.randn(6),
+        gate=torch.rand(6, 6, 6),
+        stride=[1, 1],
+        padding=[0, 0],
+        dilation=[1, 1],
+        groups=1,
+        save_conv=False,
+    )
+    args.update(overrides)
+    return args
+
+
+OP_ERRORS = [
+    (dict(input=torch.randn(4, 8, 8)), r"expected a 4-D input \(N, Cin, H, W\), got 3-D"),
+    (dict(weight=torch.randn(6, 4, 3)), r"expected a 4-D weight"),
+    (dict(gate=torch.rand(6, 36)), r"expected a 3-D gate \(C, Ho, Wo\), got 2-D"),
+    (dict(input=torch.randn(2, 5, 8, 8)), r"expected input with 4 channels .* got 5"),
+    (dict(groups=4, weight=torch.randn(6, 1, 3, 3)), r"output channels \(6\) must be divisible by groups \(4\)"),
+    (dict(bias=torch.randn(5)), r"expected a bias of shape \(6\)"),
+    (dict(gate=torch.rand(6, 5, 6)), r"expected a gate of shape \(6, 6, 6\), got \[6, 5, 6\]"),
+    (dict(gate=torch.rand(5, 6, 6)), r"expected a gate of shape \(6, 6, 6\)"),
+    (dict(weight=torch.randn(6, 4, 3, 3, dtype=torch.float64)), r"must have one dtype; got input Float, weight Double"),
+    (dict(input=torch.randint(0, 3, (2, 4, 8, 8))), r"expected a floating-point input, got Long"),
+    (dict(input=torch.randn(2, 4, 2, 8)), r"the output would be empty \(0x6\)"),
+    (dict(stride=[0, 1]), r"stride must be positive"),
+    (dict(dilation=[1, 0]), r"dilation must be positive"),
+    (dict(padding=[-1, 0]), r"padding must be non-negative"),
+    (dict(groups=0), r"groups must be positive"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", OP_ERRORS, ids=[m for _, m in OP_ERRORS])
+def test_gated_conv2d_op_errors(overrides, message):
+    with pytest.raises(RuntimeError, match=message):
+        ops.gated_conv2d(**_conv_args(**overrides))
+
+
+def test_gated_conv2d_backward_shape_errors():
+    args = _conv_args()
+    del args["save_conv"]
+    with pytest.raises(RuntimeError, match=r"expected grad_out of shape \[2, 6, 6, 6\]"):
+        ops.gated_conv2d_backward(torch.randn(2, 6, 6, 5), conv_out=torch.empty(0),
+                                  output_mask=[True] * 4, **args)
+    with pytest.raises(RuntimeError, match=r"expected conv_out of shape \[2, 6, 6, 6\] or empty"):
+        ops.gated_conv2d_backward(torch.randn(2, 6, 6, 6), conv_out=torch.randn(2, 6, 6, 5),
+                                  output_mask=[True] * 4, **args)
+
+
+MLP_ERRORS = [
+    (([torch.randn(4, 2)], []), r"expected one bias per weight, got 1 weights and 0 biases"),
+    (([torch.randn(4, 2), torch.randn(3, 5)], [torch.randn(4), torch.randn(3)]),
+     r"encoder width mismatch: layer 1 expects 5 input features but the previous layer gives 4"),
+    (([torch.randn(4, 3)], [torch.randn(4)]), r"layer 0 expects 3 input features but the previous layer gives 2"),
+    (([torch.randn(4, 2)], [torch.randn(5)]), r"encoder bias 0 must have shape \(4\)"),
+    (([torch.randn(4, 2, 1)], [torch.randn(4)]), r"encoder weight 0 must be 2-D"),
+    (([torch.randn(4, 2), torch.randn(3, 4, dtype=torch.float64)], [torch.randn(4), torch.randn(3)]),
+     r"every encoder parameter must have one dtype"),
+]
+
+
+@pytest.mark.parametrize("params,message", MLP_ERRORS, ids=[m for _, m in MLP_ERRORS])
+def test_mlp_gate_op_errors(params, message):
+    with pytest.raises(RuntimeError, match=message):
+        ops.mlp_gate(*params, 4, 4, "relu", "relu")
+
+
+def test_mlp_gate_without_layers():
+    with pytest.raises(ValueError, match=r"expected at least one encoder layer, got none"):
+        cg.mlp_gate([], [], 4, 4, backend="cpu")
+
+
+def test_mlp_gate_op_grid_and_activation_errors():
+    w, b = [torch.randn(4, 2)], [torch.randn(4)]
+    with pytest.raises(RuntimeError, match=r"expected a non-empty output grid, got 0x4"):
+        ops.mlp_gate(w, b, 0, 4, "relu", "relu")
+    with pytest.raises(RuntimeError, match=r"activation must be one of .* got 'swish'"):
+        ops.mlp_gate(w, b, 4, 4, "swish", "relu")
+    with pytest.raises(RuntimeError, match=r"expected grad_gate of shape \(4, 4, 4\)"):
+        ops.mlp_gate_backward(torch.randn(4, 4, 3), w, b, 4, 4, "relu", "relu")
+
+
+def test_public_api_errors():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match=r"expected input with 4 channels .* got 3"):
+        cg.FusedCoordGateConv2d(4, 6, 3, backend="cpu")(x)
+    with pytest.raises(ValueError, match=r"expected a 4-D input \(N, C, H, W\), got 3-D"):
+        cg.FusedCoordGateConv2d(3, 6, 3, backend="cpu")(x[0])
+    with pytest.raises(ValueError, match=r"the output would be empty \(0x0\) for an input of 8x8 and kernel \(9, 9\)"):
+        cg.FusedCoordGateConv2d(3, 6, 9, backend="cpu")(x)
+    with pytest.raises(RuntimeError, match=r"must have one dtype"):
+        cg.FusedCoordGateConv2d(3, 6, 3, backend="cpu")(x.double())
+    layer = cg.FusedCoordGateConv2d(3, 6, 3, backend="cpu")
+    gate = layer.gate_map(6, 6).to("meta")
+    with pytest.raises(ValueError, match=r"every tensor must be on the input's device \(cpu\); gate is on meta"):
+        cg.coordgate_conv2d(x, layer.weight, layer.bias, gate, backend="cpu")
+    with pytest.raises(ValueError, match=r"padding_mode must be one of"):
+        cg.coordgate_conv2d(x, layer.weight, layer.bias, layer.gate_map(6, 6), padding_mode="mirror")
+    with pytest.raises(ValueError, match=r"padding='same' is not supported for strided convolutions"):
+        cg.FusedCoordGateConv2d(3, 6, 3, stride=2, padding="same")
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match=r"encoder must be one of mlp, map, bilinear \(or 'pos'\); got 'fourier'"):
+        cg.FusedCoordGateConv2d(3, 6, 3, encoder="fourier")
+    with pytest.raises(ValueError, match=r"the bilinear encoder gates exactly 9 channels, got 6"):
+        cg.FusedCoordGateConv2d(3, 6, 3, encoder="bilinear")
+    with pytest.raises(ValueError, match=r"at least one layer, got encoder_layers=0"):
+        cg.FusedCoordGateConv2d(3, 6, 3, encoder_layers=0)
+    with pytest.raises(ValueError, match=r"activation must be one of .* got 'swish'"):
+        cg.FusedCoordGateConv2d(3, 6, 3, gate_activation="swish")
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of reference, cpu, triton, cuda; got 'gpu'"):
+        cg.FusedCoordGateConv2d(3, 6, 3, backend="gpu")
+
+
+def test_unavailable_backends_say_why():
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(cg.BackendUnavailableError, match=r"backend 'triton' is not available: the Triton kernels are not part"):
+        cg.FusedCoordGateConv2d(3, 6, 3, backend="triton")(x)
+    with pytest.raises(cg.BackendUnavailableError, match=r"backend 'cuda' is not available: .*without CUDA kernels"):
+        cg.FusedCoordGateConv2d(3, 6, 3, backend="cuda")(x)
+    with pytest.raises(cg.BackendUnavailableError, match=r"backend 'cpu' runs on CPU tensors, got tensors on cuda"):
+        dispatch.resolve("cpu", torch.device("cuda"))
+    reasons = cg.available_backends()
+    assert reasons["reference"] is None and reasons["cpu"] is None
+    assert "not part of this version" in reasons["triton"]
+
+
+def test_double_backward_is_refused():
+    layer = cg.FusedCoordGateConv2d(2, 3, 3, padding=1, backend="cpu")
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward .* is not supported"):
+        gx.sum().backward()

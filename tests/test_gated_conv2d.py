@@ -1,0 +1,256 @@
+"""coordgate_ext::gated_conv2d: the fused backends against the reference over an explicit
+matrix of convolution geometries, layouts, encoders and dtypes; gradcheck; gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import coordgate_ext as cg
+from coordgate_ext import reference
+from conftest import assert_close, assert_low_precision
+
+FUSED_BACKENDS = ["cpu"]
+
+# (N, Cin, C, H, W, kernel, stride, padding, dilation, groups, bias, padding_mode)
+GEOMETRIES = [
+    (1, 3, 4, 7, 9, 1, 1, 0, 1, 1, True, "zeros"),
+    (3, 4, 6, 9, 7, 3, 1, 1, 1, 1, True, "zeros"),
+    (3, 4, 6, 9, 7, 3, 2, 1, 1, 1, False, "zeros"),
+    (1, 4, 6, 11, 8, 3, 1, 2, 2, 1, True, "zeros"),
+    (3, 4, 6, 9, 10, 3, (2, 1), (1, 2), (2, 1), 2, True, "zeros"),
+    (1, 6, 6, 9, 7, 3, 1, 1, 1, 6, True, "zeros"),
+    (3, 4, 8, 12, 9, 5, 2, 2, 1, 2, False, "zeros"),
+    (1, 3, 4, 10, 9, 5, 1, "same", 1, 1, True, "zeros"),
+    (2, 3, 4, 10, 9, 3, 1, "same", 2, 1, True, "reflect"),
+    (2, 3, 4, 8, 9, (2, 4), 1, "same", 1, 1, True, "zeros"),
+    (1, 3, 4, 9, 8, 5, 1, "valid", 1, 1, True, "zeros"),
+    (3, 3, 4, 9, 8, 3, 1, 1, 1, 1, True, "reflect"),
+    (1, 3, 4, 9, 8, 3, 2, (2, 1), 1, 1, True, "replicate"),
+    (3, 3, 4, 9, 8, 3, 1, 1, 2, 1, False, "circular"),
+    (0, 3, 4, 9, 8, 3, 1, 1, 1, 1, True, "zeros"),
+    (0, 3, 4, 9, 8, 3, 2, 1, 1, 1, False, "reflect"),
+]
+LAYOUTS = ["contiguous", "channels_last", "sliced"]
+
+# (encoder, encoder_layers, hidden_activation, gate_activation, map_size): every activation
+# appears as a hidden and as a gate activation.
+ENCODERS = [
+    ("mlp", 1, "none", "relu", None),
+    ("mlp", 2, "relu", "relu", None),
+    ("mlp", 2, "none", "sigmoid", None),
+    ("mlp", 3, "tanh", "softplus", None),
+    ("mlp", 2, "sigmoid", "tanh", None),
+    ("mlp", 3, "silu", "gelu", None),
+    ("mlp", 2, "gelu", "silu", None),
+    ("mlp", 2, "softplus", "none", None),
+    ("map", None, None, "relu", (3, 4)),
+    ("map", None, None, "sigmoid", (4, 5)),
+    ("bilinear", None, None, "relu", (3, 2)),
+]
+
+
+def _make_input(shape, layout, dtype, requires_grad=True):
+    n, c, h, w = shape
+    if layout == "sliced":
+        x = torch.randn(n, c + 2, h + 3, 2 * w, dtype=dtype)[:, 1 : c + 1, 2 : h + 2, ::2]
+        assert n == 0 or not x.is_contiguous()
+    else:
+        x = torch.randn(n, c, h, w, dtype=dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x.detach().requires_grad_(requires_grad)
+
+
+def _randomise(layer: torch.nn.Module) -> None:
+    """Parameters away from their initialisation (the map encoders start constant)."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+
+
+def _twins(backend, dtype, in_ch, out_ch, kernel, stride, padding, dilation, groups, bias,
+           padding_mode, encoder=("mlp", 2, "relu", "relu", None)):
+    kind, layers, hidden, gate_act, map_size = encoder
+    options = dict(encoder=kind, gate_activation=gate_act)
+    if kind == "mlp":
+        options.update(encoder_layers=layers, encoder_hidden=5, hidden_activation=hidden)
+    else:
+        options.update(map_size=map_size)
+    fused = cg.FusedCoordGateConv2d(
+        in_ch, out_ch, kernel, stride, padding, dilation, groups, bias, padding_mode,
+        dtype=dtype, backend=backend, **options,
+    )
+    _randomise(fused)
+    ref = copy.deepcopy(fused)
+    ref.backend = "reference"
+    return fused, ref
+
+
+def _check_layer(fused, ref, x, dtype):
+    out = fused(x)
+    expected = ref(x)
+    assert out.shape == expected.shape
+    assert_close(out, expected, dtype)
+    if x.shape[0] > 0 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous():
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(out, [x, *fused.parameters()], grad, allow_unused=True)
+    want = torch.autograd.grad(expected, [x, *ref.parameters()], grad, allow_unused=True)
+    for name, g, w in zip(["input"] + [n for n, _ in fused.named_parameters()], got, want):
+        if w is None:
+            assert g is None or g.abs().max() == 0, name
+            continue
+        assert g is not None, name
+        assert_close(g, w, dtype)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "-".join(map(str, g)))
+def test_geometry_matches_reference(backend, layout, geometry):
+    n, cin, c, h, w, kernel, stride, padding, dilation, groups, bias, padding_mode = geometry
+    dtype = torch.float64
+    fused, ref = _twins(backend, dtype, cin, c, kernel, stride, padding, dilation, groups, bias,
+                        padding_mode)
+    x = _make_input((n, cin, h, w), layout, dtype)
+    _check_layer(fused, ref, x, dtype)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("encoder", ENCODERS, ids=lambda e: "-".join(map(str, e)))
+def test_encoder_matches_reference(backend, encoder):
+    dtype = torch.float64
+    kind = encoder[0]
+    out_ch = 9 if kind == "bilinear" else 4
+    fused, ref = _twins(backend, dtype, 3, out_ch, 3, 1, 1, 1, 1, True, "zeros", encoder)
+    for size in [(9, 12), (7, 10)]:  # a multiple of the map sizes, and not
+        x = _make_input((2, 3, *size), "contiguous", dtype)
+        _check_layer(fused, ref, x, dtype)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float32_matches_reference(backend, layout):
+    fused, ref = _twins(backend, torch.float32, 8, 16, 3, 1, 1, 1, 1, True, "zeros")
+    x = _make_input((2, 8, 21, 17), layout, torch.float32)
+    _check_layer(fused, ref, x, torch.float32)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(backend, dtype):
+    """The flash-attention rule against the float64 reference, forward and input gradient."""
+    fused, ref = _twins(backend, dtype, 4, 8, 3, 1, 1, 1, 1, True, "zeros")
+    exact = copy.deepcopy(ref).double()
+    x = _make_input((2, 4, 13, 11), "contiguous", dtype)
+    x64 = x.detach().double().requires_grad_()
+    out, out_ref, out_exact = fused(x), ref(x), exact(x64)
+    assert out.dtype == dtype
+    assert_low_precision(out, out_ref, out_exact.detach())
+    grad = torch.randn_like(out_exact)
+    (g,) = torch.autograd.grad(out, x, grad.to(dtype))
+    (g_ref,) = torch.autograd.grad(out_ref, x, grad.to(dtype))
+    (g_exact,) = torch.autograd.grad(out_exact, x64, grad)
+    assert g.dtype == dtype
+    assert_low_precision(g, g_ref, g_exact)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_autocast_follows_context_dtype(backend):
+    fused, ref = _twins(backend, torch.float32, 4, 8, 3, 1, 1, 1, 1, True, "zeros")
+    x = torch.randn(2, 4, 11, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(x)
+        out_ref = ref(x)
+    assert out.dtype == torch.bfloat16
+    assert_low_precision(out, out_ref, ref.double()(x.double()).detach())
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck_op(backend, layout):
+    """float64 gradcheck of the functional op, every differentiable input."""
+    x = _make_input((2, 4, 7, 6), layout, torch.float64)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(6, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b, gate):
+        return cg.coordgate_conv2d(x, w, b, gate, stride=(2, 1), padding=1, dilation=(1, 2),
+                                   groups=2, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (x, w, b, gate))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("encoder", [ENCODERS[3], ENCODERS[9], ENCODERS[10]], ids=lambda e: e[0])
+def test_gradcheck_layer(backend, recompute, encoder):
+    """float64 gradcheck through the whole layer: input, conv and encoder parameters."""
+    out_ch = 9 if encoder[0] == "bilinear" else 3
+    layer, _ = _twins(backend, torch.float64, 2, out_ch, 3, 1, "same", 1, 1, True, "reflect",
+                      encoder)
+    layer.recompute = recompute
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    x = _make_input((2, 2, 6, 5), "contiguous", torch.float64)
+
+    def f(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_recompute_matches_saved(backend):
+    fused, _ = _twins(backend, torch.float64, 3, 4, 3, 1, 1, 1, 1, True, "zeros")
+    recomputing = copy.deepcopy(fused)
+    recomputing.recompute = True
+    x = _make_input((2, 3, 9, 8), "contiguous", torch.float64)
+    a, b = fused(x), recomputing(x)
+    assert_close(a, b)
+    grad = torch.randn_like(a)
+    for g1, g2 in zip(torch.autograd.grad(a, [x, *fused.parameters()], grad),
+                      torch.autograd.grad(b, [x, *recomputing.parameters()], grad)):
+        assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_saved_tensors_default_and_recompute(backend):
+    """Backward keeps the ungated convolution by default and only the input with recompute."""
+    fused, _ = _twins(backend, torch.float32, 3, 4, 3, 1, 1, 1, 1, True, "zeros")
+    x = torch.randn(2, 3, 9, 8, requires_grad=True)
+    conv_shape = (2, 4, 9, 8)
+
+    def saved_shapes(layer):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t,
+                                                      lambda t: t):
+            layer(x)
+        return shapes
+
+    assert conv_shape in saved_shapes(fused)
+    fused.recompute = True
+    assert conv_shape not in saved_shapes(fused)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_block_matches_reference(backend):
+    block = cg.FusedCoordGateBlock2d(3, 5, 2, 3, padding=1, dtype=torch.float64, backend=backend)
+    _randomise(block)
+    x = _make_input((2, 3, 9, 7), "contiguous", torch.float64)
+    gate = reference.mlp_gate([l.weight for l in block.encoder.layers],
+                              [l.bias for l in block.encoder.layers], 9, 7, "relu", "relu")
+    expected = reference.gated_conv2d_mix(x, block.weight, block.bias, gate, (1, 1), (1, 1),
+                                          (1, 1), 1, block.mix_weight, block.mix_bias)
+    out = block(x)
+    assert out.shape == (2, 2, 9, 7)
+    assert_close(out, expected)
+    grad = torch.randn_like(out)
+    for g1, g2 in zip(torch.autograd.grad(out, [x, *block.parameters()], grad),
+                      torch.autograd.grad(expected, [x, *block.parameters()], grad)):
+        assert_close(g1, g2)

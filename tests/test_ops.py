@@ -1,0 +1,106 @@
+"""torch.library.opcheck of every operator of the coordgate_ext namespace, a meta-test that
+none is left without a case, and torch.compile(fullgraph=True) of the layers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import coordgate_ext as cg
+from conftest import assert_close
+
+ops = torch.ops.coordgate_ext
+
+
+def _t(*shape, dtype=torch.float64, grad=True, fmt=torch.contiguous_format):
+    return torch.randn(*shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(grad)
+
+
+def _mlp(widths, dtype=torch.float64):
+    weights = [_t(o, i, dtype=dtype) for i, o in zip(widths[:-1], widths[1:])]
+    biases = [_t(o, dtype=dtype) for o in widths[1:]]
+    return weights, biases
+
+
+def _opcheck_cases():
+    """(op name, id, args) for every case."""
+    cases = []
+    w, b = _mlp((2, 6, 4))
+    cases.append(("mlp_gate", "two-layers", (w, b, 5, 7, "relu", "sigmoid")))
+    w1, b1 = _mlp((2, 3), torch.float32)
+    cases.append(("mlp_gate", "one-layer-f32", (w1, b1, 4, 3, "none", "relu")))
+    w3, b3 = _mlp((2, 5, 5, 3))
+    cases.append(("mlp_gate", "three-layers", (w3, b3, 3, 9, "tanh", "softplus")))
+    cases.append(("mlp_gate_backward", "two-layers",
+                  (_t(4, 5, 7, grad=False), [t.detach() for t in w], [t.detach() for t in b], 5, 7,
+                   "gelu", "silu")))
+
+    def conv_args(fmt, bias, save, dtype=torch.float64):
+        x = _t(2, 4, 9, 7, dtype=dtype, fmt=fmt)
+        weight = _t(6, 2, 3, 3, dtype=dtype)
+        gate = torch.rand(6, 5, 7, dtype=dtype, requires_grad=True)
+        return (x, weight, _t(6, dtype=dtype) if bias else None, gate, [2, 1], [1, 2], [1, 2], 2, save)
+
+    cases.append(("gated_conv2d", "save", conv_args(torch.contiguous_format, True, True)))
+    cases.append(("gated_conv2d", "no-save-no-bias", conv_args(torch.contiguous_format, False, False)))
+    cases.append(("gated_conv2d", "channels-last", conv_args(torch.channels_last, True, True)))
+    cases.append(("gated_conv2d", "float32", conv_args(torch.contiguous_format, True, True, torch.float32)))
+    for mask in ([True, True, True, True], [False, True, False, True], [True, False, False, False]):
+        x, weight, bias, gate, *geometry, _ = conv_args(torch.contiguous_format, True, True)
+        conv = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+        for saved, label in ((conv, "saved"), (conv.new_empty((0,)), "recompute")):
+            cases.append(("gated_conv2d_backward", f"{label}-{''.join('1' if m else '0' for m in mask)}",
+                          (torch.randn(2, 6, 5, 7, dtype=torch.float64), x.detach(), weight.detach(),
+                           bias.detach(), gate.detach(), saved, *geometry, mask)))
+    return cases
+
+
+CASES = _opcheck_cases()
+
+
+@pytest.mark.parametrize("op_name,args", [(c[0], c[2]) for c in CASES],
+                         ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_opcheck(op_name, args):
+    torch.library.opcheck(getattr(ops, op_name).default, args)
+
+
+def test_every_op_has_an_opcheck_case():
+    registered = {
+        name.split("::", 1)[1]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("coordgate_ext::")
+    }
+    assert registered, "no coordgate_ext operators are registered"
+    assert registered == set(cg.ops._library.OPS)
+    covered = {c[0] for c in CASES}
+    assert registered <= covered, f"operators without an opcheck case: {sorted(registered - covered)}"
+
+
+def _compiled_matches_eager(module, x):
+    eager = copy.deepcopy(module)
+    compiled = torch.compile(module, fullgraph=True)
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    out, want = compiled(x1), eager(x2)
+    assert_close(out, want)
+    grad = torch.randn_like(want)
+    out.backward(grad)
+    want.backward(grad)
+    assert_close(x1.grad, x2.grad)
+    for p, q in zip(module.parameters(), eager.parameters()):
+        assert_close(p.grad, q.grad)
+
+
+def test_compile_layer_fullgraph():
+    torch._dynamo.reset()
+    layer = cg.FusedCoordGateConv2d(3, 4, 3, padding="same", padding_mode="reflect", backend="cpu")
+    _compiled_matches_eager(layer, torch.randn(2, 3, 10, 9))
+
+
+def test_compile_block_fullgraph():
+    torch._dynamo.reset()
+    block = cg.FusedCoordGateBlock2d(3, 5, 2, 3, stride=2, padding=1, backend="cpu",
+                                     hidden_activation="tanh", recompute=True)
+    _compiled_matches_eager(block, torch.randn(2, 3, 11, 8))
