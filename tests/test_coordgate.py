@@ -334,6 +334,22 @@ def test_load_author_state_dict_rejects_extra_encoder_layers():
         ours.load_author_state_dict(author.state_dict())
 
 
+def test_load_author_state_dict_rejects_missing_encoder_layers():
+    author = _author_pos(4, 3, (8, 8), 1, "cpu")
+    ours = _ours(4, 3, "mlp", "reference", "cpu", encoder_layers=2)
+    with pytest.raises(ValueError, match=r"has no 'encoder\.linear1\.weight'.*encoder_layers"):
+        ours.load_author_state_dict(author.state_dict())
+
+
+def test_load_author_state_dict_rejects_wrong_encoder_and_batched_map():
+    ours = _ours(4, 3, "map", "reference", "cpu", map_size=(2, 2))
+    with pytest.raises(ValueError, match=r"has no 'map'"):
+        ours.load_author_state_dict(_author_pos(4, 3, (8, 8), 2, "cpu").state_dict())
+    bad = {"map": torch.randn(2, 4, 2, 2), "conv.weight": torch.randn(3, 4, 1, 1), "conv.bias": torch.randn(3)}
+    with pytest.raises(ValueError, match=r"the author's 'map' must have shape \(1, C, Hm, Wm\), got \(2, 4, 2, 2\)"):
+        ours.load_author_state_dict(bad)
+
+
 def test_forward_rejects_wrong_channel_count():
     ours = _ours(4, 3, "mlp", "reference", "cpu")
     with pytest.raises(ValueError, match=r"CoordGate: expected 4 input channels, got 3"):

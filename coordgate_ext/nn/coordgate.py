@@ -65,21 +65,33 @@ class CoordGate(GateCache, nn.Module):
         the author's fixed coordinate grid, is not needed: the grid follows the input);
         "map": ``map`` (1, C, Hm, Wm); "bilinear": ``map`` (1, 2, Hm, Wm) holding (dx, dy).
         """
-        ours = {"conv.weight": state_dict["conv.weight"], "conv.bias": state_dict["conv.bias"]}
+        def take(key: str) -> torch.Tensor:
+            if key not in state_dict:
+                raise ValueError(
+                    f"the author's state dict has no {key!r} (it has {sorted(state_dict)}); it was "
+                    f"saved from a CoordGate whose encoder differs from this {self.encoder_kind!r} "
+                    "encoder or its encoder_layers"
+                )
+            return state_dict[key]
+
+        ours = {"conv.weight": take("conv.weight"), "conv.bias": take("conv.bias")}
         if self.encoder_kind == "mlp":
+            names = {f"encoder.linear{i}.{n}" for i in range(len(self.encoder.layers)) for n in ("weight", "bias")}
             for i in range(len(self.encoder.layers)):
                 for name in ("weight", "bias"):
-                    ours[f"encoder.layers.{i}.{name}"] = state_dict[f"encoder.linear{i}.{name}"]
-            extra = {k for k in state_dict if k.startswith("encoder.linear")} - {
-                f"encoder.linear{i}.{n}" for i in range(len(self.encoder.layers)) for n in ("weight", "bias")
-            }
+                    ours[f"encoder.layers.{i}.{name}"] = take(f"encoder.linear{i}.{name}")
+            extra = {k for k in state_dict if k.startswith("encoder.linear")} - names
             if extra:
                 raise ValueError(
                     f"the author's state dict has encoder entries this module lacks: {sorted(extra)}; "
                     "construct CoordGate with a matching encoder_layers"
                 )
         else:
-            (author_map,) = state_dict["map"]
+            author_map = take("map")
+            if author_map.dim() != 4 or author_map.shape[0] != 1:
+                raise ValueError(
+                    f"the author's 'map' must have shape (1, C, Hm, Wm), got {tuple(author_map.shape)}"
+                )
             key = "encoder.map" if self.encoder_kind == "map" else "encoder.displacement"
-            ours[key] = author_map
+            ours[key] = author_map[0]
         self.load_state_dict(ours)
