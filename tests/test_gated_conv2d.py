@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 import torch
 
 import coordgate_ext as cg
@@ -254,3 +256,28 @@ def test_block_matches_reference(backend):
     for g1, g2 in zip(torch.autograd.grad(out, [x, *block.parameters()], grad),
                       torch.autograd.grad(expected, [x, *block.parameters()], grad)):
         assert_close(g1, g2)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(
+    n=st.integers(0, 2),
+    groups=st.sampled_from([1, 2]),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    size=st.tuples(st.integers(5, 12), st.integers(5, 12)),
+    channels_last=st.booleans(),
+    bias=st.booleans(),
+)
+def test_random_geometry_matches_reference(n, groups, kernel, stride, dilation, padding, size,
+                                           channels_last, bias):
+    """Property: any valid geometry gives the reference's output and gradients."""
+    h, w = size
+    assume(all((s + 2 * p - d * (k - 1) - 1) >= 0
+               for s, p, d, k in zip(size, padding, dilation, kernel)))
+    fused, ref = _twins("cpu", torch.float64, 2 * groups, 2 * groups, kernel, stride, padding,
+                        dilation, groups, bias, "zeros")
+    x = _make_input((n, 2 * groups, h, w), "channels_last" if channels_last else "contiguous",
+                    torch.float64)
+    _check_layer(fused, ref, x, torch.float64)
