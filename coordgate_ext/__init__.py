@@ -9,6 +9,7 @@ from . import ops  # noqa: F401  (registers the operators)
 from . import reference
 from .functional import coordgate_conv2d, mlp_gate
 from .nn import CoordGate, FusedCoordGateBlock2d, FusedCoordGateConv2d
+from .ops._library import cpu_cache_bytes, empty_cpu_cache
 from .ops.dispatch import BackendUnavailableError, available_backends
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "reference",
     "available_backends",
     "BackendUnavailableError",
+    "empty_cpu_cache",
+    "cpu_cache_bytes",
 ]
 
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/output_cache.h"
 #include "ops.h"
 
 namespace coordgate {
@@ -145,10 +146,32 @@ TORCH_LIBRARY(coordgate_ext, m) {
       "int groups, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
+namespace {
+
+PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  coordgate::empty_output_cache();
+  Py_RETURN_NONE;
+}
+
+PyObject* cpu_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(coordgate::output_cache_bytes());
+}
+
+PyMethodDef module_methods[] = {
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
+     "Frees the host buffers cached for the CPU kernels' large outputs."},
+    {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS,
+     "Bytes held in free host buffers cached for the CPU kernels."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
-// coordgate_ext._C is imported only to run the static registrations above.
+// Importing coordgate_ext._C runs the static registrations above.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          module_methods};
   return PyModule_Create(&module_def);
 }
 }

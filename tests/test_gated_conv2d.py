@@ -281,3 +281,18 @@ def test_random_geometry_matches_reference(n, groups, kernel, stride, dilation, 
     x = _make_input((n, 2 * groups, h, w), "channels_last" if channels_last else "contiguous",
                     torch.float64)
     _check_layer(fused, ref, x, torch.float64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_outputs_from_reused_buffers(layout):
+    """Outputs of at least 1 MiB come from the CPU output cache: reused buffers must give the
+    reference's results step after step, and empty_cpu_cache() must release them."""
+    cg.empty_cpu_cache()
+    fused, ref = _twins("cpu", torch.float32, 4, 8, 3, 1, 1, 1, 1, True, "zeros")
+    for step in range(3):
+        x = _make_input((2, 4, 128, 128), layout, torch.float32)
+        _check_layer(fused, ref, x, torch.float32)
+        if step == 0:
+            assert cg.cpu_cache_bytes() >= 2 * 8 * 128 * 128 * 4, "freed outputs are kept for reuse"
+    cg.empty_cpu_cache()
+    assert cg.cpu_cache_bytes() == 0

@@ -10,7 +10,7 @@ NAMESPACE = "coordgate_ext"
 OPS = ("mlp_gate", "mlp_gate_backward", "gated_conv2d", "gated_conv2d_backward")
 
 try:
-    from .. import _C  # noqa: F401  (registers the schemas and the kernels)
+    from .. import _C  # registers the schemas and the kernels
 
     LOAD_ERROR: str | None = None
 except ImportError as exc:  # the extension has not been built
@@ -22,6 +22,17 @@ except ImportError as exc:  # the extension has not been built
 
 def loaded() -> bool:
     return LOAD_ERROR is None
+
+
+def empty_cpu_cache() -> None:
+    """Frees the host buffers that the CPU kernels keep for reuse (see csrc/cpu/output_cache.h)."""
+    if loaded():
+        _C.empty_cpu_cache()
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes held in freed host buffers kept for the CPU kernels' next large outputs."""
+    return _C.cpu_cache_bytes() if loaded() else 0
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

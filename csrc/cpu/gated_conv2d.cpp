@@ -15,6 +15,7 @@
 #include <array>
 
 #include "../ops.h"
+#include "output_cache.h"
 
 namespace coordgate {
 namespace {
@@ -51,8 +52,9 @@ void gate_multiply_kernel(const T* y, const T* gate, T* out, int64_t N, int64_t 
 }
 
 // One pass over grad_out: dy = dout * gate (if dy != nullptr) and
-// dgate = sum_n dout * y (if dgate != nullptr). Layouts as in gate_multiply_kernel; dgate
-// has the gate's layout. Each dgate element is summed over n by one thread in a fixed order.
+// dgate = sum_n dout * y (if dgate != nullptr; N >= 1, every element is written). Layouts as
+// in gate_multiply_kernel; dgate has the gate's layout. Each dgate element is summed over n by
+// one thread in a fixed order.
 template <typename T>
 void gate_backward_kernel(const T* dout, const T* y, const T* gate, T* dy, T* dgate, int64_t N,
                           int64_t C, int64_t P, bool channels_last) {
@@ -74,7 +76,11 @@ void gate_backward_kernel(const T* dout, const T* y, const T* gate, T* dy, T* dg
           if (dgate != nullptr) {
             const T* yk = y + base;
             T* dg = dgate + c * P;
-            for (int64_t p = p0; p < p1; ++p) dg[p] += d[p] * yk[p];
+            if (n == 0) {
+              for (int64_t p = p0; p < p1; ++p) dg[p] = d[p] * yk[p];
+            } else {
+              for (int64_t p = p0; p < p1; ++p) dg[p] += d[p] * yk[p];
+            }
           }
         }
       }
@@ -94,7 +100,11 @@ void gate_backward_kernel(const T* dout, const T* y, const T* gate, T* dy, T* dg
           if (dgate != nullptr) {
             const T* yk = y + base;
             T* dg = dgate + p * C;
-            for (int64_t c = 0; c < C; ++c) dg[c] += d[c] * yk[c];
+            if (n == 0) {
+              for (int64_t c = 0; c < C; ++c) dg[c] = d[c] * yk[c];
+            } else {
+              for (int64_t c = 0; c < C; ++c) dg[c] += d[c] * yk[c];
+            }
           }
         }
       }
@@ -137,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
   const auto y = conv_forward(input.to(cdtype), weight.to(cdtype), cast_optional(bias, cdtype),
                               stride, padding, dilation, groups, fmt);
   // In place when backward does not need the ungated convolution.
-  auto out = save_conv || cdtype != dtype ? at::empty_like(y) : y;
+  auto out = save_conv || cdtype != dtype ? empty_cached(y.sizes(), cdtype, fmt) : y;
   const auto g = gate_layout(gate, cdtype, channels_last);
   const int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3);
   AT_DISPATCH_FLOATING_TYPES(cdtype, "gated_conv2d_cpu", [&] {
@@ -177,12 +187,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_conv2d_backward
 
   at::Tensor dy, dgate, y;
   const auto dout = grad_out.to(cdtype).contiguous(fmt);
-  if (need_conv_grads) dy = at::empty_like(dout);
+  if (need_conv_grads) dy = empty_cached(dout.sizes(), cdtype, fmt);
   if (output_mask[3]) {
     y = conv_out.numel() == 0
             ? conv_forward(x, w, b, stride, padding, dilation, groups, fmt)
             : conv_out.to(cdtype).contiguous(fmt);
-    dgate = channels_last ? at::zeros({P, C}, dout.options()) : at::zeros({C, P}, dout.options());
+    dgate = channels_last ? empty_cached({P, C}, cdtype, at::MemoryFormat::Contiguous)
+                          : empty_cached({C, P}, cdtype, at::MemoryFormat::Contiguous);
+    if (N == 0) dgate.zero_();
   }
   const auto g = gate_layout(gate, cdtype, channels_last);
   AT_DISPATCH_FLOATING_TYPES(cdtype, "gated_conv2d_backward_cpu", [&] {
