@@ -1,7 +1,11 @@
-"""Gated convolution on the CPU: bare F.conv2d (the bound), the eager reference and each fused
-backend, side by side, training forward and forward+backward. float32.
+"""The gated convolution: bare F.conv2d (the bound), the eager reference, the compiled
+reference (torch.compile, the fair baseline for a fused op) and each fused backend, side by
+side, in three modes: training forward (gate computed), forward+backward (all gradients) and
+eval forward (gate cached). float32 on the CPU; every dtype on CUDA when a GPU is present.
 
-Run: ``make bench`` or ``pytest benchmarks/``.
+Run: ``make bench`` (or ``pytest benchmarks/``). Each case first checks that the fused output
+equals the reference. The summary prints ratios, the performance model of DESIGN.md section 6
+and the bytes saved for backward, and writes results/benchmarks.{json,png}.
 """
 
 from __future__ import annotations
@@ -13,46 +17,129 @@ import torch
 import torch.nn.functional as F
 
 import coordgate_ext as cg
+from coordgate_ext import reference
 
 # (N, Cin, C, kernel, H, W)
-SHAPES = [(4, 32, 32, 3, 256, 256)]
-PROVIDERS = ["bare_conv", "reference", "cpu"]
-MODES = ["forward", "fwd+bwd"]
+SHAPES = [
+    (4, 32, 32, 3, 256, 256),
+    (8, 64, 64, 3, 128, 128),
+    (1, 32, 32, 3, 1024, 1024),
+    (16, 16, 16, 5, 128, 128),
+    (2, 3, 64, 3, 512, 512),
+]
+MODES = ["train_fwd", "fwd+bwd", "eval_fwd"]
+ENCODER_HIDDEN = 32
 
 
-def _case_id(shape):
+def _fused_backends(device: str) -> list[str]:
+    available = cg.available_backends()
+    candidates = ["cpu"] if device == "cpu" else ["triton", "cuda"]
+    return [b for b in candidates if available[b] is None]
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
+PROVIDERS = ["bare_conv", "reference", "compiled_reference"] + _fused_backends(DEVICE)
+
+
+def _case_id(shape, dtype=torch.float32):
     n, cin, c, k, h, w = shape
-    return f"N{n}-{cin}to{c}-k{k}-{h}x{w}"
+    suffix = "" if dtype == torch.float32 else f"-{str(dtype).split('.')[-1]}"
+    return f"N{n}-{cin}to{c}-k{k}-{h}x{w}{suffix}"
 
 
-def _layers(shape):
+def _model(shape, dtype) -> dict[str, float]:
+    """DESIGN.md section 6: FLOPs, the minimum bytes (read x and the weights once, write out
+    once) and the unfused path's bytes (plus: write y, read y and g, the encoder's hidden
+    activations written and read, the gate written)."""
+    n, cin, c, k, h, w = shape
+    item = torch.empty((), dtype=dtype).element_size()
+    out = n * c * h * w * item
+    gate = c * h * w * item
+    hidden = h * w * ENCODER_HIDDEN * 4
+    minimum = n * cin * h * w * item + c * cin * k * k * item + out
+    unfused = minimum + 2 * out + 2 * gate + 2 * hidden
+    return {"gflop": 2 * n * h * w * c * cin * k * k / 1e9, "min_mb": minimum / 1e6, "unfused_mb": unfused / 1e6}
+
+
+def _make(shape, dtype, backend):
     n, cin, c, k, h, w = shape
     torch.manual_seed(0)
-    fused = cg.FusedCoordGateConv2d(cin, c, k, padding=k // 2, backend="cpu")
-    ref = copy.deepcopy(fused)
-    ref.backend = "reference"
-    return fused, ref, torch.randn(n, cin, h, w)
+    layer = cg.FusedCoordGateConv2d(cin, c, k, padding=k // 2, encoder_hidden=ENCODER_HIDDEN,
+                                    device=DEVICE, dtype=dtype, backend=backend)
+    return layer, torch.randn(n, cin, h, w, device=DEVICE, dtype=dtype)
+
+
+def _runner(provider, mode, shape, dtype):
+    """A zero-argument callable running ``provider`` in ``mode``, after an equality check."""
+    layer, x = _make(shape, dtype, "reference")
+    if mode == "eval_fwd":
+        layer.eval()
+    if provider in PROVIDERS[3:]:
+        model = copy.deepcopy(layer)
+        model.backend = provider
+        with torch.no_grad():
+            tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(model(x), layer(x), **tol)
+    elif provider == "bare_conv":
+        model = lambda inp: F.conv2d(inp, layer.weight, layer.bias, padding=layer.padding)  # noqa: E731
+    elif provider == "compiled_reference" and mode == "eval_fwd":
+        gate = layer.gate_map(*x.shape[-2:]).detach()
+        step = torch.compile(lambda inp, g: reference.gated_conv2d(
+            inp, layer.weight, layer.bias, g, layer.stride, layer.padding, layer.dilation, layer.groups))
+        model = lambda inp: step(inp, gate)  # noqa: E731
+    elif provider == "compiled_reference":
+        model = torch.compile(layer)
+    else:
+        model = layer
+    inp = x.requires_grad_(mode == "fwd+bwd")
+
+    def run():
+        if mode == "eval_fwd":
+            with torch.no_grad():
+                return model(inp)
+        out = model(inp)
+        if mode == "fwd+bwd":
+            out.backward(torch.ones_like(out))
+        return out
+
+    return run
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_case_id)
-def test_gated_conv2d(benchmark, record_median, shape, provider, mode):
-    fused, ref, x = _layers(shape)
-    with torch.no_grad():  # the fused output equals the reference before anything is timed
-        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
-    if provider == "bare_conv":
-        weight, bias = fused.weight, fused.bias
-        model = lambda inp: F.conv2d(inp, weight, bias, padding=fused.padding)  # noqa: E731
-    else:
-        model = fused if provider == "cpu" else ref
-    inp = x.requires_grad_(mode == "fwd+bwd")
+def test_gated_conv2d(benchmark, record_median, record_model, shape, dtype, provider, mode):
+    run = _runner(provider, mode, shape, dtype)
+    record_model(_case_id(shape, dtype), _model(shape, dtype))
+    benchmark.group = f"{_case_id(shape, dtype)} {mode}"
+    benchmark.pedantic(run, rounds=5, warmup_rounds=2)
+    record_median(_case_id(shape, dtype), mode, provider, benchmark)
 
-    def run():
-        out = model(inp)
-        if mode == "fwd+bwd":
-            out.backward(torch.ones_like(out))
 
-    benchmark.group = f"{_case_id(shape)} {mode}"
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    record_median(_case_id(shape), mode, provider, benchmark)
+def _saved_bytes(module, x) -> int:
+    """Bytes of the distinct storages autograd keeps for backward after one forward."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_case_id)
+def test_saved_for_backward(record_saved_bytes, shape):
+    layer, x = _make(shape, torch.float32, "reference")
+    x.requires_grad_()
+    record_saved_bytes(_case_id(shape), "reference", _saved_bytes(layer, x))
+    for backend in PROVIDERS[3:]:
+        fused = copy.deepcopy(layer)
+        fused.backend = backend
+        record_saved_bytes(_case_id(shape), backend, _saved_bytes(fused, x))
+        fused.recompute = True
+        record_saved_bytes(_case_id(shape), f"{backend}+recompute", _saved_bytes(fused, x))

@@ -1,14 +1,25 @@
-"""Side-by-side ratios for the benchmarks: every benchmark records its median under
-(case, mode, provider), and the terminal summary prints each provider's ratio to the bare
-convolution and to the eager reference of the same case and mode."""
+"""Side-by-side reporting for the benchmarks.
+
+Every timing records its median under (case, mode, provider); every memory measurement its
+saved-for-backward bytes under (case, provider). The terminal summary prints, per case, the
+performance model of DESIGN.md section 6, the medians with their ratios to the bare
+convolution, the compiled reference and the eager reference, and the memory table; it writes
+results/benchmarks.json and results/benchmarks.png.
+"""
 
 from __future__ import annotations
 
 import collections
+import json
+import os
 
 import pytest
 
 MEDIANS: dict[tuple[str, str], dict[str, float]] = collections.defaultdict(dict)
+SAVED_BYTES: dict[str, dict[str, int]] = collections.defaultdict(dict)
+MODELS: dict[str, dict[str, float]] = {}
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+BASELINES = (("bare_conv", "/ bare conv"), ("compiled_reference", "/ compiled ref"), ("reference", "/ eager ref"))
 
 
 @pytest.fixture
@@ -19,17 +30,87 @@ def record_median():
     return record
 
 
+@pytest.fixture
+def record_saved_bytes():
+    def record(case: str, provider: str, nbytes: int) -> None:
+        SAVED_BYTES[case][provider] = nbytes
+
+    return record
+
+
+@pytest.fixture
+def record_model():
+    def record(case: str, model: dict[str, float]) -> None:
+        MODELS[case] = model
+
+    return record
+
+
+def _write_plot(path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(MEDIANS)
+    providers = sorted({p for v in MEDIANS.values() for p in v})
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(keys)), 5))
+    width = 0.8 / max(1, len(providers))
+    for i, provider in enumerate(providers):
+        ratios = [MEDIANS[k].get(provider, float("nan")) / MEDIANS[k]["bare_conv"]
+                  if "bare_conv" in MEDIANS[k] else float("nan") for k in keys]
+        ax.bar([x + i * width for x in range(len(keys))], ratios, width, label=provider)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))])
+    ax.set_xticklabels([f"{c}\n{m}" for c, m in keys], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("median time / bare F.conv2d")
+    ax.set_title("coordgate_ext: gated convolution vs the bare convolution")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def pytest_terminal_summary(terminalreporter):
-    if not MEDIANS:
+    if not MEDIANS and not SAVED_BYTES:
         return
     write = terminalreporter.write_line
     write("")
-    write("coordgate_ext benchmark ratios (medians; < 1 is faster than the baseline)")
-    write(f"{'case':<28} {'mode':<10} {'provider':<12} {'median ms':>10} {'/ bare conv':>12} {'/ eager ref':>12}")
-    for (case, mode), providers in sorted(MEDIANS.items()):
-        conv = providers.get("bare_conv")
-        ref = providers.get("reference")
-        for provider, median in sorted(providers.items()):
-            ratio_conv = f"{median / conv:12.2f}" if conv else f"{'-':>12}"
-            ratio_ref = f"{median / ref:12.2f}" if ref else f"{'-':>12}"
-            write(f"{case:<28} {mode:<10} {provider:<12} {median * 1e3:10.1f} {ratio_conv} {ratio_ref}")
+    write("coordgate_ext benchmarks: medians and ratios (< 1 is faster than the baseline)")
+    for case in sorted({c for c, _ in MEDIANS} | set(SAVED_BYTES)):
+        write("")
+        model = MODELS.get(case)
+        if model:
+            write(f"{case}: {model['gflop']:.2f} GFLOP, minimum {model['min_mb']:.1f} MB moved, "
+                  f"unfused {model['unfused_mb']:.1f} MB (conv output written and read again, "
+                  f"gate and encoder activations)")
+        header = f"  {'mode':<10} {'provider':<20} {'median ms':>10}" + "".join(f" {h:>15}" for _, h in BASELINES)
+        write(header)
+        for (c, mode), providers in sorted(MEDIANS.items()):
+            if c != case:
+                continue
+            for provider, median in sorted(providers.items(), key=lambda kv: kv[1]):
+                ratios = "".join(
+                    f" {median / providers[b]:15.2f}" if b in providers else f" {'-':>15}" for b, _ in BASELINES
+                )
+                write(f"  {mode:<10} {provider:<20} {median * 1e3:10.1f}{ratios}")
+        saved = SAVED_BYTES.get(case)
+        if saved:
+            ref = saved.get("reference")
+            write("  saved for backward: " + ", ".join(
+                f"{p} {b / 2**20:.1f} MiB" + (f" ({b / ref:.2f} x reference)" if ref and p != "reference" else "")
+                for p, b in sorted(saved.items())))
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    json_path = os.path.join(RESULTS_DIR, "benchmarks.json")
+    with open(json_path, "w") as f:
+        json.dump({
+            "medians_s": {f"{c} | {m}": v for (c, m), v in sorted(MEDIANS.items())},
+            "saved_for_backward_bytes": SAVED_BYTES,
+            "model": MODELS,
+        }, f, indent=2)
+    write("")
+    write(f"wrote {json_path}")
+    if MEDIANS:
+        png_path = os.path.join(RESULTS_DIR, "benchmarks.png")
+        _write_plot(png_path)
+        write(f"wrote {png_path}")

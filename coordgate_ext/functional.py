@@ -6,7 +6,7 @@ is made by coordgate_ext.ops.dispatch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from . import reference
 from .ops import dispatch
 
-__all__ = ["coordgate_conv2d", "mlp_gate", "conv2d_output_size", "PADDING_MODES"]
+__all__ = ["coordgate_conv2d", "mlp_gate", "MLPGate", "conv2d_output_size", "PADDING_MODES"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -84,11 +84,24 @@ def mlp_gate(
     if not weights:
         # An empty tensor list cannot be dispatched to any kernel: say so here.
         raise ValueError("mlp_gate: expected at least one encoder layer, got none")
-    if dispatch.resolve(backend, weights[0].device) == "reference":
+    # The Triton backend takes the gate as a map computed by PyTorch here (its kernels
+    # evaluate the encoder themselves when given an MLPGate).
+    if dispatch.resolve(backend, weights[0].device) in ("reference", "triton"):
         return reference.mlp_gate(weights, biases, height, width, hidden_activation, gate_activation)
     return torch.ops.coordgate_ext.mlp_gate(
         weights, biases, height, width, hidden_activation, gate_activation
     )
+
+
+class MLPGate(NamedTuple):
+    """An MLP encoder's parameters, passed as ``gate`` to have the gated convolution evaluate
+    the gate itself on its output grid: in forward, and again in backward, so that nothing of
+    the gate's size (C, Ho, Wo) is kept for backward."""
+
+    weights: Sequence[torch.Tensor]
+    biases: Sequence[torch.Tensor]
+    hidden_activation: str = "relu"
+    gate_activation: str = "relu"
 
 
 def _memory_format(input: torch.Tensor) -> torch.memory_format:
@@ -110,7 +123,7 @@ def coordgate_conv2d(
     input: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    gate: torch.Tensor,
+    gate: torch.Tensor | MLPGate,
     stride=1,
     padding=0,
     dilation=1,
@@ -126,7 +139,7 @@ def coordgate_conv2d(
     channel mix ``conv2d(., mix_weight (Cout, C, 1, 1), mix_bias)``.
 
     input (N, Cin, H, W); weight (C, Cin/groups, kh, kw); bias (C) or None; gate (C, Ho, Wo)
-    on the convolution's output grid. stride / padding / dilation / groups / padding_mode mean
+    on the convolution's output grid, or an MLPGate whose gate the op evaluates itself. stride / padding / dilation / groups / padding_mode mean
     what they mean for nn.Conv2d (padding may be 'same' or 'valid'). ``recompute=True`` keeps
     only the input for backward and recomputes the convolution there. Returns (N, C, Ho, Wo),
     or (N, Cout, Ho, Wo) with a mix.
@@ -139,7 +152,8 @@ def coordgate_conv2d(
         raise ValueError(
             f"coordgate_conv2d: expected a 4-D weight (C, Cin/groups, kh, kw), got {weight.dim()}-D"
         )
-    for name, t in (("weight", weight), ("bias", bias), ("gate", gate), ("mix_weight", mix_weight),
+    gate_tensors = gate if isinstance(gate, torch.Tensor) else gate.weights[0]
+    for name, t in (("weight", weight), ("bias", bias), ("gate", gate_tensors), ("mix_weight", mix_weight),
                     ("mix_bias", mix_bias)):
         if t is not None and t.device != input.device:
             raise ValueError(
@@ -154,14 +168,41 @@ def coordgate_conv2d(
         # Some padding modes return NCHW whatever the input: channels_last in, channels_last out.
         input = F.pad(input, (left, right, top, bottom), mode=mode).contiguous(memory_format=memory_format)
         top = left = 0
-    input, weight, bias, gate, mix_weight, mix_bias = _autocast(
-        input, weight, bias, gate, mix_weight, mix_bias
-    )
-    pad = (top, left)
-    if dispatch.resolve(backend, input.device) == "reference":
-        out = reference.gated_conv2d(input, weight, bias, gate, stride, pad, dilation, groups)
+    if isinstance(gate, torch.Tensor):
+        input, weight, bias, gate, mix_weight, mix_bias = _autocast(
+            input, weight, bias, gate, mix_weight, mix_bias
+        )
+        gate_needs_grad = gate.requires_grad
     else:
-        save_conv = torch.is_grad_enabled() and gate.requires_grad and not recompute
+        # The encoder's parameters keep their dtype: the gate's maths is done in it.
+        input, weight, bias, mix_weight, mix_bias = _autocast(input, weight, bias, mix_weight, mix_bias)
+        gate_needs_grad = any(t.requires_grad for t in (*gate.weights, *gate.biases))
+    pad = (top, left)
+    save_conv = torch.is_grad_enabled() and gate_needs_grad and not recompute
+    backend = dispatch.resolve(backend, input.device)
+    if backend == "triton":
+        from .ops import triton_ops  # imports triton: only when this backend runs
+
+        if isinstance(gate, MLPGate):
+            return triton_ops.coordgate_conv2d_encoder(
+                input, weight, bias, gate.weights, gate.biases, gate.hidden_activation,
+                gate.gate_activation, stride, pad, dilation, groups, mix_weight, mix_bias, recompute
+            )
+        return triton_ops.coordgate_conv2d(input, weight, bias, gate, stride, pad, dilation, groups,
+                                           mix_weight, mix_bias, recompute)
+    if backend == "reference":
+        if isinstance(gate, MLPGate):
+            out_h = (input.shape[2] + 2 * top - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
+            out_w = (input.shape[3] + 2 * left - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+            gate = reference.mlp_gate(list(gate.weights), list(gate.biases), out_h, out_w,
+                                      gate.hidden_activation, gate.gate_activation).to(input.dtype)
+        out = reference.gated_conv2d(input, weight, bias, gate, stride, pad, dilation, groups)
+    elif isinstance(gate, MLPGate):
+        out, _ = torch.ops.coordgate_ext.mlp_gated_conv2d(
+            input, weight, bias, list(gate.weights), list(gate.biases), gate.hidden_activation,
+            gate.gate_activation, stride, pad, dilation, groups, save_conv
+        )
+    else:
         out, _ = torch.ops.coordgate_ext.gated_conv2d(
             input, weight, bias, gate, stride, pad, dilation, groups, save_conv
         )

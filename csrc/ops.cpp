@@ -144,6 +144,19 @@ TORCH_LIBRARY(coordgate_ext, m) {
       "gated_conv2d_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor? bias, "
       "Tensor gate, Tensor conv_out, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // gated_conv2d with gate = mlp_gate(encoder_weights, encoder_biases, Ho, Wo, ...) evaluated
+  // inside the op (and again in backward): nothing of the gate's size is saved.
+  m.def(
+      "mlp_gated_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor[] encoder_weights, "
+      "Tensor[] encoder_biases, str hidden_activation, str gate_activation, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool save_conv) -> (Tensor, Tensor)");
+  // Gradients (input, weight, bias, encoder weights, encoder biases); output_mask entries are
+  // input, weight, bias, encoder.
+  m.def(
+      "mlp_gated_conv2d_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor[] encoder_weights, Tensor[] encoder_biases, str hidden_activation, "
+      "str gate_activation, Tensor conv_out, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor[], Tensor[])");
 }
 
 namespace {

@@ -54,6 +54,19 @@ def _opcheck_cases():
             cases.append(("gated_conv2d_backward", f"{label}-{''.join('1' if m else '0' for m in mask)}",
                           (torch.randn(2, 6, 5, 7, dtype=torch.float64), x.detach(), weight.detach(),
                            bias.detach(), gate.detach(), saved, *geometry, mask)))
+    enc_w, enc_b = _mlp((2, 5, 6))
+    for fmt, bias, save in ((torch.contiguous_format, True, True), (torch.channels_last, False, False)):
+        x, weight, b, _, *geometry, _ = conv_args(fmt, bias, save)
+        label = f"{'cl' if fmt == torch.channels_last else 'nchw'}-{'save' if save else 'nosave'}"
+        cases.append(("mlp_gated_conv2d", label,
+                      (x, weight, b, enc_w, enc_b, "tanh", "relu", *geometry, save)))
+    x, weight, b, _, *geometry, _ = conv_args(torch.contiguous_format, True, True)
+    detached = ([t.detach() for t in enc_w], [t.detach() for t in enc_b])
+    for mask in ([True, True, True, True], [False, False, False, True], [True, True, False, False]):
+        cases.append(("mlp_gated_conv2d_backward", "".join("1" if m else "0" for m in mask),
+                      (torch.randn(2, 6, 5, 7, dtype=torch.float64), x.detach(), weight.detach(), b.detach(),
+                       *detached, "silu", "sigmoid", torch.randn(2, 6, 5, 7, dtype=torch.float64),
+                       *geometry, mask)))
     return cases
 
 

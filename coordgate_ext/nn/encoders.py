@@ -52,6 +52,15 @@ class MLPEncoder(nn.Module):
     def out_channels(self) -> int:
         return self.layers[-1].out_features
 
+    def spec(self) -> functional.MLPGate:
+        """The parameters, for ops that evaluate the gate themselves."""
+        return functional.MLPGate(
+            [layer.weight for layer in self.layers],
+            [layer.bias for layer in self.layers],
+            self.hidden_activation,
+            self.gate_activation,
+        )
+
     def forward(self, height: int, width: int, backend: str = "auto") -> torch.Tensor:
         return functional.mlp_gate(
             [layer.weight for layer in self.layers],
@@ -147,10 +156,13 @@ class GateCache:
             (p.data_ptr(), p._version, p.dtype, p.device) for p in self.encoder.parameters()
         )
 
+    def _gate_cacheable(self) -> bool:
+        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
+        return not (self.training or wants_grad or torch.compiler.is_compiling())
+
     def gate_map(self, height: int, width: int) -> torch.Tensor:
         """The (C, height, width) gate on an output grid of height x width."""
-        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
-        if self.training or wants_grad or torch.compiler.is_compiling():
+        if not self._gate_cacheable():
             self._gate_cache = None
             return self.encoder(height, width, backend=self.backend)
         key = self._gate_cache_key(height, width)

@@ -2,6 +2,6 @@
 registers, in Python, the fake kernels and the autograd formulas of every op."""
 
 from . import _library
-from . import gated_conv2d, mlp_gate  # noqa: F401  (registration side effects)
+from . import gated_conv2d, mlp_gate, mlp_gated_conv2d  # noqa: F401  (registration side effects)
 
 __all__ = ["_library"]

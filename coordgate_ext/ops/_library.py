@@ -7,7 +7,14 @@ import torch
 NAMESPACE = "coordgate_ext"
 #: Every operator of the namespace, forward and backward (the tests check each has an
 #: opcheck case).
-OPS = ("mlp_gate", "mlp_gate_backward", "gated_conv2d", "gated_conv2d_backward")
+OPS = (
+    "mlp_gate",
+    "mlp_gate_backward",
+    "gated_conv2d",
+    "gated_conv2d_backward",
+    "mlp_gated_conv2d",
+    "mlp_gated_conv2d_backward",
+)
 
 try:
     from .. import _C  # registers the schemas and the kernels

@@ -15,6 +15,7 @@
 #include <array>
 
 #include "../ops.h"
+#include "kernels.h"
 #include "output_cache.h"
 
 namespace coordgate {
@@ -133,6 +134,8 @@ std::optional<at::Tensor> cast_optional(const std::optional<at::Tensor>& t,
   return t->to(dtype);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& gate, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -233,8 +236,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_conv2d_backward
   }
   return {grad_input, grad_weight, grad_bias, grad_gate};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(coordgate_ext, CPU, m) {
   m.impl("gated_conv2d", &gated_conv2d_cpu);

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "kernels.h"
 
 namespace coordgate {
 namespace {
@@ -175,6 +176,8 @@ Mlp make_mlp(at::TensorList weights, at::TensorList biases, at::ScalarType dtype
   return m;
 }
 
+}  // namespace
+
 at::Tensor mlp_gate_cpu(at::TensorList weights, at::TensorList biases, int64_t height,
                         int64_t width, c10::string_view hidden_activation,
                         c10::string_view gate_activation) {
@@ -215,8 +218,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_gate_backward_c
   }
   return {grad_w, grad_b};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(coordgate_ext, CPU, m) {
   m.impl("mlp_gate", &mlp_gate_cpu);

@@ -1,0 +1,76 @@
+// CPU kernels of coordgate_ext::mlp_gated_conv2d and its backward: the gated convolution
+// with the MLP encoder inside the op. The gate is evaluated in forward and evaluated again
+// in backward (it is cheap next to the convolution), so nothing of size (C, Ho, Wo) is kept
+// between the two.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../ops.h"
+#include "kernels.h"
+
+namespace coordgate {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::TensorList encoder_weights, at::TensorList encoder_biases,
+    c10::string_view hidden_activation, c10::string_view gate_activation,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    bool save_conv) {
+  TORCH_CHECK(input.dim() == 4, "mlp_gated_conv2d: expected a 4-D input (N, Cin, H, W), got ",
+              input.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2,
+              "mlp_gated_conv2d: expected a 4-D weight and two-entry stride, padding, dilation");
+  const int64_t out_h = conv_out_size(input.size(2), weight.size(2), stride[0], padding[0],
+                                      dilation[0]);
+  const int64_t out_w = conv_out_size(input.size(3), weight.size(3), stride[1], padding[1],
+                                      dilation[1]);
+  TORCH_CHECK(out_h > 0 && out_w > 0, "mlp_gated_conv2d: the output would be empty (", out_h,
+              "x", out_w, ") for input ", input.sizes(), " and kernel ", weight.size(2), "x",
+              weight.size(3));
+  const auto gate = mlp_gate_cpu(encoder_weights, encoder_biases, out_h, out_w,
+                                 hidden_activation, gate_activation);
+  return gated_conv2d_cpu(input, weight, bias, gate.to(input.scalar_type()), stride, padding,
+                          dilation, groups, save_conv);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+mlp_gated_conv2d_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::TensorList encoder_weights,
+    at::TensorList encoder_biases, c10::string_view hidden_activation,
+    c10::string_view gate_activation, const at::Tensor& conv_out, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 4> output_mask) {
+  TORCH_CHECK(grad_out.dim() == 4, "mlp_gated_conv2d_backward: expected a 4-D grad_out, got ",
+              grad_out.dim(), "-D");
+  const int64_t out_h = grad_out.size(2), out_w = grad_out.size(3);
+  const auto gate = mlp_gate_cpu(encoder_weights, encoder_biases, out_h, out_w,
+                                 hidden_activation, gate_activation);
+  auto [grad_input, grad_weight, grad_bias, grad_gate] = gated_conv2d_backward_cpu(
+      grad_out, input, weight, bias, gate.to(input.scalar_type()), conv_out, stride, padding,
+      dilation, groups, output_mask);
+  std::vector<at::Tensor> grad_enc_w, grad_enc_b;
+  if (output_mask[3]) {
+    std::tie(grad_enc_w, grad_enc_b) =
+        mlp_gate_backward_cpu(grad_gate.to(encoder_weights[0].scalar_type()), encoder_weights,
+                              encoder_biases, out_h, out_w, hidden_activation, gate_activation);
+  } else {
+    // Not asked for: empty tensors, one per parameter (outputs never alias one another).
+    for (size_t l = 0; l < encoder_weights.size(); ++l) {
+      grad_enc_w.push_back(at::empty({0}, encoder_weights[l].options()));
+      grad_enc_b.push_back(at::empty({0}, encoder_biases[l].options()));
+    }
+  }
+  return {grad_input, grad_weight, grad_bias, grad_enc_w, grad_enc_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(coordgate_ext, CPU, m) {
+  m.impl("mlp_gated_conv2d", &mlp_gated_conv2d_cpu);
+  m.impl("mlp_gated_conv2d_backward", &mlp_gated_conv2d_backward_cpu);
+}
+
+}  // namespace coordgate
