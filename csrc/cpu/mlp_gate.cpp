@@ -60,28 +60,40 @@ struct Tile {
     }
   }
 
-  // Forward for pixels [p0, p0 + count) of the height x width grid. Returns the tile's gate
-  // (C, count), a view of act.back().
+  // Forward for pixels [p0, p0 + count) of the height x width grid. The last layer's
+  // activation goes to out (row c at out + c * out_stride) when given, else to act.back().
   template <typename T>
-  at::Tensor forward(const Mlp& m, int64_t p0, int64_t count, int64_t height, int64_t width) {
-    auto xy = coords.narrow(1, 0, count);
-    T* r = xy.data_ptr<T>();
+  void forward(const Mlp& m, int64_t p0, int64_t count, int64_t height, int64_t width,
+               T* out = nullptr, int64_t out_stride = 0) {
+    T* r = coords.data_ptr<T>();
     T* q = r + kTile;
     for (int64_t p = 0; p < count; ++p) {
       r[p] = grid_coordinate<T>((p0 + p) / width, height);
       q[p] = grid_coordinate<T>((p0 + p) % width, width);
     }
-    at::Tensor x = xy;
     for (int64_t l = 0; l < m.layers(); ++l) {
-      auto a = pre[l].narrow(1, 0, count);
-      auto h = act[l].narrow(1, 0, count);
-      at::addmm_out(a, m.bias[l], m.weight[l], x);
-      for (int64_t o = 0; o < a.size(0); ++o) {
-        apply_activation(m.activation(l), a[o].data_ptr<T>(), h[o].data_ptr<T>(), count);
+      const int64_t features = m.weight[l].size(0);
+      T* a = pre[l].data_ptr<T>();
+      if (l == 0) {
+        // Two inputs: an outer sum, which a GEMM with K = 2 would do poorly.
+        const T* w = m.weight[0].data_ptr<T>();
+        const T* b = m.bias[0].data_ptr<T>();
+        for (int64_t o = 0; o < features; ++o) {
+          T* ao = a + o * kTile;
+          const T wr = w[2 * o], wq = w[2 * o + 1], bo = b[o];
+          for (int64_t p = 0; p < count; ++p) ao[p] = wr * r[p] + wq * q[p] + bo;
+        }
+      } else {
+        auto a_view = pre[l].narrow(1, 0, count);
+        at::addmm_out(a_view, m.bias[l], m.weight[l], act[l - 1].narrow(1, 0, count));
       }
-      x = h;
+      const bool last = l + 1 == m.layers();
+      T* h = last && out != nullptr ? out : act[l].data_ptr<T>();
+      const int64_t h_stride = last && out != nullptr ? out_stride : kTile;
+      for (int64_t o = 0; o < features; ++o) {
+        apply_activation(m.activation(l), a + o * kTile, h + o * h_stride, count);
+      }
     }
-    return x;
   }
 };
 
@@ -89,7 +101,6 @@ template <typename T>
 void mlp_gate_kernel(const Mlp& m, int64_t height, int64_t width, at::Tensor& gate) {
   const int64_t pixels = height * width;
   const int64_t tiles = (pixels + kTile - 1) / kTile;
-  auto gate2d = gate.view({gate.size(0), pixels});
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     // Grad mode and dispatch state are thread-local: set them on every worker.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -97,7 +108,7 @@ void mlp_gate_kernel(const Mlp& m, int64_t height, int64_t width, at::Tensor& ga
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p0 = t * kTile;
       const int64_t count = std::min(kTile, pixels - p0);
-      gate2d.narrow(1, p0, count).copy_(tile.forward<T>(m, p0, count, height, width));
+      tile.forward<T>(m, p0, count, height, width, gate.data_ptr<T>() + p0, pixels);
     }
   });
 }
