@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .ops import dispatch
+from .ops.gated_conv2d import output_memory_format
 
 __all__ = ["coordgate_conv2d", "mlp_gate", "MLPGate", "conv2d_output_size", "PADDING_MODES"]
 
@@ -104,12 +105,6 @@ class MLPGate(NamedTuple):
     gate_activation: str = "relu"
 
 
-def _memory_format(input: torch.Tensor) -> torch.memory_format:
-    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _autocast(*tensors):
     """Casts floating tensors to the autocast dtype when autocast is on for their device."""
     device_type = next(t for t in tensors if t is not None).device.type
@@ -164,7 +159,7 @@ def coordgate_conv2d(
     top, bottom, left, right = _explicit_padding(padding, tuple(weight.shape[2:]), stride, dilation)
     if padding_mode != "zeros" or top != bottom or left != right:
         mode = "constant" if padding_mode == "zeros" else padding_mode
-        memory_format = _memory_format(input)
+        memory_format = output_memory_format(input)
         # Some padding modes return NCHW whatever the input: channels_last in, channels_last out.
         input = F.pad(input, (left, right, top, bottom), mode=mode).contiguous(memory_format=memory_format)
         top = left = 0

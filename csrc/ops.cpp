@@ -97,6 +97,16 @@ std::pair<int64_t, int64_t> check_gated_conv2d_args(
                 "gated_conv2d: expected a bias of shape (", channels, "), got ",
                 bias->sizes());
   }
+  const auto [out_h, out_w] = conv_output_grid(input, weight, stride, padding, dilation);
+  TORCH_CHECK(gate.size(0) == channels && gate.size(1) == out_h && gate.size(2) == out_w,
+              "gated_conv2d: expected a gate of shape (", channels, ", ", out_h, ", ", out_w,
+              "), got ", gate.sizes());
+  return {out_h, out_w};
+}
+
+std::pair<int64_t, int64_t> conv_output_grid(const at::Tensor& input, const at::Tensor& weight,
+                                             at::IntArrayRef stride, at::IntArrayRef padding,
+                                             at::IntArrayRef dilation) {
   const int64_t out_h = conv_out_size(input.size(2), weight.size(2), stride[0], padding[0],
                                       dilation[0]);
   const int64_t out_w = conv_out_size(input.size(3), weight.size(3), stride[1], padding[1],
@@ -104,9 +114,6 @@ std::pair<int64_t, int64_t> check_gated_conv2d_args(
   TORCH_CHECK(out_h > 0 && out_w > 0, "gated_conv2d: the output would be empty (", out_h,
               "x", out_w, ") for input ", input.sizes(), " and kernel ", weight.size(2), "x",
               weight.size(3));
-  TORCH_CHECK(gate.size(0) == channels && gate.size(1) == out_h && gate.size(2) == out_w,
-              "gated_conv2d: expected a gate of shape (", channels, ", ", out_h, ", ", out_w,
-              "), got ", gate.sizes());
   return {out_h, out_w};
 }
 

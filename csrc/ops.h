@@ -22,6 +22,11 @@ std::pair<int64_t, int64_t> check_gated_conv2d_args(
     const at::Tensor& gate, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups);
 
+// (Ho, Wo) of the convolution of a 4-D input by a 4-D weight; raises if it would be empty.
+std::pair<int64_t, int64_t> conv_output_grid(const at::Tensor& input, const at::Tensor& weight,
+                                             at::IntArrayRef stride, at::IntArrayRef padding,
+                                             at::IntArrayRef dilation);
+
 // The memory format every output of the gated convolution takes: channels_last when the
 // input is channels_last (and not also plain contiguous), contiguous otherwise. The fake
 // kernels in coordgate_ext/ops follow the same rule.

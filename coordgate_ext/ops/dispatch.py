@@ -7,6 +7,8 @@ BackendUnavailableError saying why and how to get it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _library
@@ -20,6 +22,12 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for that this install cannot run."""
 
 
+def _triton_interpret() -> bool:
+    """TRITON_INTERPRET=1: the Triton backend may run CPU tensors through the interpreter
+    (read at call time; "auto" never picks it for CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def _unavailable_reason(backend: str) -> str | None:
     """None when the backend can run in this install, else why not and the fix."""
     if backend == "reference":
@@ -29,10 +37,16 @@ def _unavailable_reason(backend: str) -> str | None:
             return _library.LOAD_ERROR
         return None
     if backend == "triton":
-        return (
-            "the Triton kernels are not part of this version yet (tracked as the Triton "
-            "issue); use backend='reference' on CUDA tensors meanwhile"
-        )
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return f"triton could not be imported ({exc}); install it (`pip install triton`)"
+        if not torch.cuda.is_available() and not _triton_interpret():
+            return (
+                "no CUDA device is visible to torch; the Triton kernels run on CUDA tensors, or on "
+                "CPU tensors through the Triton interpreter with TRITON_INTERPRET=1 (slow, for tests)"
+            )
+        return None
     if backend == "cuda":
         if not _library.loaded():
             return _library.LOAD_ERROR
@@ -64,6 +78,8 @@ def resolve(backend: str, device: torch.device) -> str:
         raise BackendUnavailableError(
             f"backend 'cpu' runs on CPU tensors, got tensors on {device}; use backend='auto'"
         )
+    if backend == "triton" and device.type == "cpu" and _triton_interpret():
+        return backend
     if backend in ("triton", "cuda") and device.type != "cuda":
         raise BackendUnavailableError(
             f"backend {backend!r} runs on CUDA tensors, got tensors on {device}; use backend='auto'"

@@ -19,18 +19,23 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def fake_gated_outputs(input, weight, stride, padding, dilation, save_conv):
+    """(out, conv) as the gated convolution ops return them, for their fake kernels."""
+    torch._check(input.dim() == 4, lambda: "gated_conv2d: expected a 4-D input")
+    ho = conv_output_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = conv_output_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    shape = (input.shape[0], weight.shape[0], ho, wo)
+    fmt = output_memory_format(input)
+    out = input.new_empty(shape).contiguous(memory_format=fmt)
+    conv = input.new_empty(shape).contiguous(memory_format=fmt) if save_conv else input.new_empty((0,))
+    return out, conv
+
+
 if loaded():
 
     @torch.library.register_fake("coordgate_ext::gated_conv2d")
     def _gated_conv2d_fake(input, weight, bias, gate, stride, padding, dilation, groups, save_conv):
-        torch._check(input.dim() == 4, lambda: "gated_conv2d: expected a 4-D input")
-        ho = conv_output_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-        wo = conv_output_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-        shape = (input.shape[0], weight.shape[0], ho, wo)
-        fmt = output_memory_format(input)
-        out = input.new_empty(shape).contiguous(memory_format=fmt)
-        conv = input.new_empty(shape).contiguous(memory_format=fmt) if save_conv else input.new_empty((0,))
-        return out, conv
+        return fake_gated_outputs(input, weight, stride, padding, dilation, save_conv)
 
     @torch.library.register_fake("coordgate_ext::gated_conv2d_backward")
     def _gated_conv2d_backward_fake(

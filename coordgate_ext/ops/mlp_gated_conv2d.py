@@ -6,20 +6,14 @@ from __future__ import annotations
 import torch
 
 from ._library import _double_backward_unsupported, loaded
-from .gated_conv2d import conv_output_size, output_memory_format
+from .gated_conv2d import fake_gated_outputs, output_memory_format
 
 if loaded():
 
     @torch.library.register_fake("coordgate_ext::mlp_gated_conv2d")
     def _mlp_gated_conv2d_fake(input, weight, bias, encoder_weights, encoder_biases, hidden_activation,
                                gate_activation, stride, padding, dilation, groups, save_conv):
-        ho = conv_output_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-        wo = conv_output_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-        shape = (input.shape[0], weight.shape[0], ho, wo)
-        fmt = output_memory_format(input)
-        out = input.new_empty(shape).contiguous(memory_format=fmt)
-        conv = input.new_empty(shape).contiguous(memory_format=fmt) if save_conv else input.new_empty((0,))
-        return out, conv
+        return fake_gated_outputs(input, weight, stride, padding, dilation, save_conv)
 
     @torch.library.register_fake("coordgate_ext::mlp_gated_conv2d_backward")
     def _mlp_gated_conv2d_backward_fake(grad_out, input, weight, bias, encoder_weights, encoder_biases,

@@ -22,13 +22,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
   TORCH_CHECK(weight.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
                   dilation.size() == 2,
               "mlp_gated_conv2d: expected a 4-D weight and two-entry stride, padding, dilation");
-  const int64_t out_h = conv_out_size(input.size(2), weight.size(2), stride[0], padding[0],
-                                      dilation[0]);
-  const int64_t out_w = conv_out_size(input.size(3), weight.size(3), stride[1], padding[1],
-                                      dilation[1]);
-  TORCH_CHECK(out_h > 0 && out_w > 0, "mlp_gated_conv2d: the output would be empty (", out_h,
-              "x", out_w, ") for input ", input.sizes(), " and kernel ", weight.size(2), "x",
-              weight.size(3));
+  const auto [out_h, out_w] = conv_output_grid(input, weight, stride, padding, dilation);
   const auto gate = mlp_gate_cpu(encoder_weights, encoder_biases, out_h, out_w,
                                  hidden_activation, gate_activation);
   return gated_conv2d_cpu(input, weight, bias, gate.to(input.scalar_type()), stride, padding,
