@@ -144,10 +144,13 @@ void mlp_gate_backward_kernel(const Mlp& m, int64_t height, int64_t width,
       auto delta = delta_buf.narrow(0, 0, m.weight[L - 1].size(0)).narrow(1, 0, count);
       delta.copy_(gg2d.narrow(1, p0, count));
       for (int64_t l = L - 1; l >= 0; --l) {
-        auto a = tile.pre[l].narrow(1, 0, count);
+        // Every tile buffer is (features, kTile): row o starts at o * kTile.
+        const int64_t out_features = delta.size(0);
+        T* d = delta.data_ptr<T>();
         if (l == L - 1) {
-          for (int64_t o = 0; o < delta.size(0); ++o) {
-            scale_by_activation_grad(m.gate, a[o].data_ptr<T>(), delta[o].data_ptr<T>(), count);
+          const T* a = tile.pre[l].data_ptr<T>();
+          for (int64_t o = 0; o < out_features; ++o) {
+            scale_by_activation_grad(m.gate, a + o * kTile, d + o * kTile, count);
           }
         }
         const auto x = l == 0 ? tile.coords.narrow(1, 0, count)
@@ -155,14 +158,20 @@ void mlp_gate_backward_kernel(const Mlp& m, int64_t height, int64_t width,
         auto tile_grad_w = part_w[l][t];
         auto tile_grad_b = part_b[l][t];
         at::mm_out(tile_grad_w, delta, x.t());
-        at::sum_out(tile_grad_b, delta, {1});
+        T* gb = tile_grad_b.data_ptr<T>();
+        for (int64_t o = 0; o < out_features; ++o) {
+          const T* row = d + o * kTile;
+          T sum = T(0);
+          for (int64_t p = 0; p < count; ++p) sum += row[p];
+          gb[o] = sum;
+        }
         if (l == 0) break;
         auto prev = prev_buf.narrow(0, 0, m.weight[l].size(1)).narrow(1, 0, count);
         at::mm_out(prev, m.weight[l].t(), delta);
-        auto a_prev = tile.pre[l - 1].narrow(1, 0, count);
+        const T* a_prev = tile.pre[l - 1].data_ptr<T>();
+        T* dp = prev.data_ptr<T>();
         for (int64_t i = 0; i < prev.size(0); ++i) {
-          scale_by_activation_grad(m.hidden, a_prev[i].data_ptr<T>(), prev[i].data_ptr<T>(),
-                                   count);
+          scale_by_activation_grad(m.hidden, a_prev + i * kTile, dp + i * kTile, count);
         }
         std::swap(delta_buf, prev_buf);
         delta = prev;
