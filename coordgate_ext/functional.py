@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .ops import dispatch
-from .ops.gated_conv2d import output_memory_format
+from .ops.gated_conv2d import conv_output_size, output_memory_format
 
 __all__ = ["coordgate_conv2d", "mlp_gate", "MLPGate", "conv2d_output_size", "PADDING_MODES"]
 
@@ -134,8 +134,9 @@ def coordgate_conv2d(
     channel mix ``conv2d(., mix_weight (Cout, C, 1, 1), mix_bias)``.
 
     input (N, Cin, H, W); weight (C, Cin/groups, kh, kw); bias (C) or None; gate (C, Ho, Wo)
-    on the convolution's output grid, or an MLPGate whose gate the op evaluates itself. stride / padding / dilation / groups / padding_mode mean
-    what they mean for nn.Conv2d (padding may be 'same' or 'valid'). ``recompute=True`` keeps
+    on the convolution's output grid, or an MLPGate whose gate the op evaluates itself.
+    stride / padding / dilation / groups / padding_mode mean what they mean for nn.Conv2d
+    (padding may be 'same' or 'valid'). ``recompute=True`` keeps
     only the input for backward and recomputes the convolution there. Returns (N, C, Ho, Wo),
     or (N, Cout, Ho, Wo) with a mix.
     """
@@ -187,8 +188,8 @@ def coordgate_conv2d(
                                            mix_weight, mix_bias, recompute)
     if backend == "reference":
         if isinstance(gate, MLPGate):
-            out_h = (input.shape[2] + 2 * top - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
-            out_w = (input.shape[3] + 2 * left - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+            out_h = conv_output_size(input.shape[2], weight.shape[2], stride[0], top, dilation[0])
+            out_w = conv_output_size(input.shape[3], weight.shape[3], stride[1], left, dilation[1])
             gate = reference.mlp_gate(list(gate.weights), list(gate.biases), out_h, out_w,
                                       gate.hidden_activation, gate.gate_activation).to(input.dtype)
         out = reference.gated_conv2d(input, weight, bias, gate, stride, pad, dilation, groups)
