@@ -183,6 +183,25 @@ def _gate_tile(
 
 
 @triton.jit
+def _output_tile(Cg, Ho, Wo, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The output tile of a program on the grid (cdiv(Ho*Wo, BLOCK_M), G * cdiv(Cg, BLOCK_N)):
+    group grp, its channels c (BLOCK_N) and pixels (oi, oj) (BLOCK_M), with their masks."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_cblocks = _cdiv(Cg, BLOCK_N)
+    grp = pid_n // n_cblocks
+    c_local = (pid_n - grp * n_cblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_mask = c_local < Cg
+    c = grp * Cg + c_local
+    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    p_mask = p < Ho * Wo
+    oi = p // Wo
+    oj = p - oi * Wo
+    mask = p_mask[:, None] & c_mask[None, :]
+    return grp, c, c_mask, p_mask, oi, oj, mask
+
+
+@triton.jit
 def _gated_conv2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, g_ptr,
     enc_w0_ptr, enc_b0_ptr, enc_wh_ptr, enc_bh_ptr, enc_wl_ptr, enc_bl_ptr,
@@ -203,18 +222,7 @@ def _gated_conv2d_fwd_kernel(
 
     Grid (cdiv(P, BLOCK_M), G * cdiv(Cg, BLOCK_N)): a program owns BLOCK_M pixels and
     BLOCK_N channels of one group, computes their gate once and loops over the batch."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    n_cblocks = _cdiv(Cg, BLOCK_N)
-    grp = pid_n // n_cblocks
-    c_local = (pid_n - grp * n_cblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_mask = c_local < Cg
-    c = grp * Cg + c_local
-    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    p_mask = p < Ho * Wo
-    oi = p // Wo
-    oj = p - oi * Wo
-    mask = p_mask[:, None] & c_mask[None, :]
+    grp, c, c_mask, p_mask, oi, oj, mask = _output_tile(Cg, Ho, Wo, BLOCK_M, BLOCK_N)
 
     # The gate of the tile is computed (or loaded, in the storage dtype) once and stays in
     # registers for the whole batch.
@@ -338,18 +346,7 @@ def _gated_conv2d_bwd_gate_kernel(
 
     Grid as the forward kernel's; each program owns its dg entries (no atomics). y is read
     from y_ptr, or recomputed by the implicit GEMM when RECOMPUTE."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    n_cblocks = _cdiv(Cg, BLOCK_N)
-    grp = pid_n // n_cblocks
-    c_local = (pid_n - grp * n_cblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_mask = c_local < Cg
-    c = grp * Cg + c_local
-    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    p_mask = p < Ho * Wo
-    oi = p // Wo
-    oj = p - oi * Wo
-    mask = p_mask[:, None] & c_mask[None, :]
+    grp, c, c_mask, p_mask, oi, oj, mask = _output_tile(Cg, Ho, Wo, BLOCK_M, BLOCK_N)
     c64 = c.to(tl.int64)
     oi64 = oi.to(tl.int64)
     oj64 = oj.to(tl.int64)
@@ -383,7 +380,8 @@ def _gated_conv2d_bwd_gate_kernel(
     if NEED_DG:
         tl.store(dg_ptr + g_off, dg.to(dg_ptr.dtype.element_ty), mask=mask)
     if NEED_DB:
-        tl.store(db_ptr + pid_m.to(tl.int64) * C + c, tl.reduce(ds * g, 0, _add), mask=c_mask)
+        tile = tl.program_id(0).to(tl.int64)
+        tl.store(db_ptr + tile * C + c, tl.reduce(ds * g, 0, _add), mask=c_mask)
 
 
 @triton.jit
