@@ -10,7 +10,7 @@ DEPS := $(VENV)/.deps-installed
 # toolkit, this only silences the guess.
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) /usr/local)
 
-.PHONY: setup build test demo bench clean
+.PHONY: setup build test demo bench static-report clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: build
 
 bench: build
 	$(PY) -m pytest benchmarks -q
+
+# The Triton kernels' static GPU table (registers, shared memory, spills, MMA instructions).
+static-report: build
+	$(PY) scripts/triton_static_report.py > docs/triton_static_report.md
 
 clean:
 	rm -rf build coordgate_ext/*.so
