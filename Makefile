@@ -29,7 +29,7 @@ test: build
 	$(PY) -m pytest tests -q
 
 demo: build
-	$(PY) -m coordgate_ext.demo
+	$(PY) -m coordgate_ext.experiments
 
 bench: build
 	$(PY) -m pytest benchmarks -q

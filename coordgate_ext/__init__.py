@@ -6,16 +6,18 @@
 """
 
 from . import ops  # noqa: F401  (registers the operators)
-from . import reference
+from . import physics, reference
 from .functional import coordgate_conv2d, mlp_gate
-from .nn import CoordGate, FusedCoordGateBlock2d, FusedCoordGateConv2d
+from .nn import CoordGate, FusedCoordGateBlock2d, FusedCoordGateConv1d, FusedCoordGateConv2d
 from .ops._library import cpu_cache_bytes, empty_cpu_cache
 from .ops.dispatch import BackendUnavailableError, available_backends
 
 __all__ = [
     "FusedCoordGateConv2d",
     "FusedCoordGateBlock2d",
+    "FusedCoordGateConv1d",
     "CoordGate",
+    "physics",
     "coordgate_conv2d",
     "mlp_gate",
     "reference",
