@@ -94,3 +94,16 @@ def test_backward_is_deterministic_and_thread_independent():
         torch.set_num_threads(threads)
     for a, b in zip(first[0] + first[1], single[0] + single[1]):
         assert torch.equal(a, b)
+
+
+def test_large_gate_from_reused_buffers():
+    """Gates of at least 1 MiB come from the CPU output cache: a reused buffer must hold the
+    new gate, not the old one."""
+    cg.empty_cpu_cache()
+    for step in range(3):
+        weights, biases = _params((2, 6, 8), torch.float32)
+        got = cg.mlp_gate(weights, biases, 192, 192, "tanh", "relu", backend="cpu")
+        assert_close(got, reference.mlp_gate(weights, biases, 192, 192, "tanh", "relu"))
+        del got
+        assert cg.cpu_cache_bytes() >= 8 * 192 * 192 * 4
+    cg.empty_cpu_cache()

@@ -15,6 +15,7 @@
 
 #include "../ops.h"
 #include "kernels.h"
+#include "output_cache.h"
 
 namespace coordgate {
 namespace {
@@ -207,7 +208,9 @@ at::Tensor mlp_gate_cpu(at::TensorList weights, at::TensorList biases, int64_t h
   const auto dtype = weights[0].scalar_type();
   const auto cdtype = compute_dtype(dtype);
   const Mlp m = make_mlp(weights, biases, cdtype, hidden_activation, gate_activation);
-  auto gate = at::empty({m.weight.back().size(0), height, width}, m.weight[0].options());
+  // From the output cache: inside mlp_gated_conv2d the gate is a temporary of every step.
+  auto gate = empty_cached({m.weight.back().size(0), height, width}, cdtype,
+                           at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(cdtype, "mlp_gate_cpu",
                              [&] { mlp_gate_kernel<scalar_t>(m, height, width, gate); });
   return gate.to(dtype);
