@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import functional
 from ..ops import dispatch
-from .encoders import GateCache, MLPEncoder, make_encoder
+from .encoders import GateCache, make_encoder
 
 
 def _check_backend(backend: str) -> str:
@@ -81,13 +81,8 @@ class FusedCoordGateConv2d(GateCache, nn.Conv2d):
                 f"{type(self).__name__}: the output would be empty ({out_h}x{out_w}) for an input of "
                 f"{input.shape[-2]}x{input.shape[-1]} and kernel {self.kernel_size}"
             )
-        if isinstance(self.encoder, MLPEncoder) and not self._gate_cacheable():
-            # The op evaluates the gate itself, in forward and again in backward.
-            gate = self.encoder.spec()
-        else:
-            gate = self.gate_map(out_h, out_w)
         return functional.coordgate_conv2d(
-            input, self.weight, self.bias, gate, self.stride, self.padding, self.dilation,
+            input, self.weight, self.bias, self._forward_gate(out_h, out_w), self.stride, self.padding, self.dilation,
             self.groups, padding_mode=self.padding_mode, mix_weight=mix_weight,
             mix_bias=mix_bias, recompute=self.recompute, backend=self.backend,
         )

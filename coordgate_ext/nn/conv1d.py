@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import functional
 from .conv import _check_backend
-from .encoders import GateCache, MLPEncoder, make_encoder
+from .encoders import GateCache, make_encoder
 
 
 def _as_2d(value) -> tuple[int, int]:
@@ -100,13 +100,8 @@ class FusedCoordGateConv1d(GateCache, nn.Conv1d):
                 f"FusedCoordGateConv1d: the output would be empty ({out_len}) for an input of length "
                 f"{input.shape[-1]} and kernel {self.kernel_size[0]}"
             )
-        if isinstance(self.encoder, MLPEncoder) and not self._gate_cacheable():
-            # The op evaluates the gate itself on its 1 x Lo grid, in forward and in backward.
-            gate = self.encoder.spec()
-        else:
-            gate = GateCache.gate_map(self, 1, out_len)
         out = functional.coordgate_conv2d(
-            input.unsqueeze(2), self.weight.unsqueeze(2), self.bias, gate, _as_2d(self.stride),
+            input.unsqueeze(2), self.weight.unsqueeze(2), self.bias, self._forward_gate(1, out_len), _as_2d(self.stride),
             self._padding_2d(), _as_2d(self.dilation), self.groups, padding_mode=self.padding_mode,
             recompute=self.recompute, backend=self.backend,
         )

@@ -160,6 +160,14 @@ class GateCache:
         wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
         return not (self.training or wants_grad or torch.compiler.is_compiling())
 
+    def _forward_gate(self, height: int, width: int):
+        """What a forward passes as the gated convolution's ``gate``: the cached (or freshly
+        computed) map, or, for an MLP encoder whose gate is not cacheable, its parameters, so
+        that the op evaluates the gate itself in forward and again in backward."""
+        if isinstance(self.encoder, MLPEncoder) and not self._gate_cacheable():
+            return self.encoder.spec()
+        return GateCache.gate_map(self, height, width)
+
     def gate_map(self, height: int, width: int) -> torch.Tensor:
         """The (C, height, width) gate on an output grid of height x width."""
         if not self._gate_cacheable():
