@@ -9,7 +9,7 @@ from . import ops  # noqa: F401  (registers the operators)
 from . import physics, reference
 from .functional import coordgate_conv2d, mlp_gate
 from .nn import CoordGate, FusedCoordGateBlock2d, FusedCoordGateConv1d, FusedCoordGateConv2d
-from .ops._library import cpu_cache_bytes, empty_cpu_cache
+from .ops._library import cpu_cache_bytes, cpu_engine, empty_cpu_cache, set_cpu_engine
 from .ops.dispatch import BackendUnavailableError, available_backends
 
 __all__ = [
@@ -25,6 +25,8 @@ __all__ = [
     "BackendUnavailableError",
     "empty_cpu_cache",
     "cpu_cache_bytes",
+    "set_cpu_engine",
+    "cpu_engine",
 ]
 
 __version__ = "0.1.0"

@@ -4,6 +4,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/kernels.h"
 #include "cpu/output_cache.h"
 #include "ops.h"
 
@@ -117,6 +120,16 @@ std::pair<int64_t, int64_t> conv_output_grid(const at::Tensor& input, const at::
   return {out_h, out_w};
 }
 
+ConvGeometry conv_geometry(const at::Tensor& input, const at::Tensor& weight,
+                           at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups) {
+  const auto [out_h, out_w] = conv_output_grid(input, weight, stride, padding, dilation);
+  return ConvGeometry{input.size(0),  input.size(1), input.size(2), input.size(3),
+                      weight.size(0), weight.size(2), weight.size(3), out_h,
+                      out_w,          stride[0],      stride[1],     padding[0],
+                      padding[1],     dilation[0],    dilation[1],   groups};
+}
+
 at::MemoryFormat output_memory_format(const at::Tensor& input) {
   return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous()
              ? at::MemoryFormat::ChannelsLast
@@ -177,7 +190,31 @@ PyObject* cpu_cache_bytes(PyObject*, PyObject*) {
   return PyLong_FromSize_t(coordgate::output_cache_bytes());
 }
 
+// "auto" | "aten" | "implicit_gemm" (see CpuEngine in csrc/cpu/kernels.h).
+constexpr const char* kEngineNames[] = {"auto", "aten", "implicit_gemm"};
+
+PyObject* set_cpu_engine(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  for (int e = 0; e < 3; ++e) {
+    if (std::string(name) == kEngineNames[e]) {
+      coordgate::set_cpu_engine(static_cast<coordgate::CpuEngine>(e));
+      Py_RETURN_NONE;
+    }
+  }
+  PyErr_Format(PyExc_ValueError,
+               "cpu engine must be one of 'auto', 'aten', 'implicit_gemm'; got '%s'", name);
+  return nullptr;
+}
+
+PyObject* cpu_engine(PyObject*, PyObject*) {
+  return PyUnicode_FromString(kEngineNames[static_cast<int>(coordgate::cpu_engine())]);
+}
+
 PyMethodDef module_methods[] = {
+    {"set_cpu_engine", set_cpu_engine, METH_O,
+     "Chooses how the CPU kernels convolve: 'auto', 'aten' or 'implicit_gemm'."},
+    {"cpu_engine", cpu_engine, METH_NOARGS, "The CPU kernels' convolution engine."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
      "Frees the host buffers cached for the CPU kernels' large outputs."},
     {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS,

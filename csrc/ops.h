@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
+#include "common/conv_geometry.h"
 #include "common/coordgate_math.h"
 
 namespace coordgate {
@@ -26,6 +27,11 @@ std::pair<int64_t, int64_t> check_gated_conv2d_args(
 std::pair<int64_t, int64_t> conv_output_grid(const at::Tensor& input, const at::Tensor& weight,
                                              at::IntArrayRef stride, at::IntArrayRef padding,
                                              at::IntArrayRef dilation);
+
+// The geometry of a checked convolution (check_gated_conv2d_args or conv_output_grid first).
+ConvGeometry conv_geometry(const at::Tensor& input, const at::Tensor& weight,
+                           at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups);
 
 // The memory format every output of the gated convolution takes: channels_last when the
 // input is channels_last (and not also plain contiguous), contiguous otherwise. The fake

@@ -150,3 +150,24 @@ def test_double_backward_is_refused():
     (gx,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"double backward .* is not supported"):
         gx.sum().backward()
+
+
+def test_cpu_engine_errors():
+    with pytest.raises(ValueError, match="cpu engine must be one of auto, aten, implicit_gemm; got 'onednn'"):
+        cg.set_cpu_engine("onednn")
+    with pytest.raises(ValueError, match="cpu engine must be one of 'auto', 'aten', 'implicit_gemm'"):
+        cg.ops._library._C.set_cpu_engine("onednn")
+    assert cg.cpu_engine() == "auto"
+
+
+@pytest.mark.parametrize("engine", ["aten", "implicit_gemm"])
+@pytest.mark.parametrize("overrides,message", OP_ERRORS, ids=[m for _, m in OP_ERRORS])
+def test_op_errors_under_each_cpu_engine(engine, overrides, message):
+    """The argument checks run before either engine."""
+    previous = cg.cpu_engine()
+    cg.set_cpu_engine(engine)
+    try:
+        with pytest.raises(RuntimeError, match=message):
+            ops.gated_conv2d(**_conv_args(**overrides))
+    finally:
+        cg.set_cpu_engine(previous)

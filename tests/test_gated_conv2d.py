@@ -14,7 +14,21 @@ import coordgate_ext as cg
 from coordgate_ext import reference
 from conftest import assert_close, assert_low_precision
 
-FUSED_BACKENDS = ["cpu"]
+# backend-engine: the C++ CPU kernels with each of their convolution engines (ATen's, and
+# the implicit GEMM that runs the CUDA kernels' per-element maths from csrc/common).
+FUSED_BACKENDS = ["cpu-aten", "cpu-implicit_gemm"]
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def backend(request):
+    name, engine = request.param.split("-", 1)
+    previous = cg.cpu_engine()
+    cg.set_cpu_engine(engine)
+    try:
+        yield name
+    finally:
+        cg.set_cpu_engine(previous)
+
 
 # (N, Cin, C, H, W, kernel, stride, padding, dilation, groups, bias, padding_mode)
 GEOMETRIES = [
@@ -110,7 +124,6 @@ def _check_layer(fused, ref, x, dtype):
         assert_close(g, w, dtype)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "-".join(map(str, g)))
 def test_geometry_matches_reference(backend, layout, geometry):
@@ -122,7 +135,6 @@ def test_geometry_matches_reference(backend, layout, geometry):
     _check_layer(fused, ref, x, dtype)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("encoder", ENCODERS, ids=lambda e: "-".join(map(str, e)))
 def test_encoder_matches_reference(backend, encoder):
     dtype = torch.float64
@@ -134,7 +146,6 @@ def test_encoder_matches_reference(backend, encoder):
         _check_layer(fused, ref, x, dtype)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_float32_matches_reference(backend, layout):
     fused, ref = _twins(backend, torch.float32, 8, 16, 3, 1, 1, 1, 1, True, "zeros")
@@ -142,7 +153,6 @@ def test_float32_matches_reference(backend, layout):
     _check_layer(fused, ref, x, torch.float32)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(backend, dtype):
     """The flash-attention rule against the float64 reference, forward and input gradient."""
@@ -161,7 +171,6 @@ def test_low_precision(backend, dtype):
     assert_low_precision(g, g_ref, g_exact)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_autocast_follows_context_dtype(backend):
     fused, ref = _twins(backend, torch.float32, 4, 8, 3, 1, 1, 1, 1, True, "zeros")
     x = torch.randn(2, 4, 11, 9)
@@ -172,7 +181,6 @@ def test_autocast_follows_context_dtype(backend):
     assert_low_precision(out, out_ref, ref.double()(x.double()).detach())
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gradcheck_op(backend, layout):
     """float64 gradcheck of the functional op, every differentiable input."""
@@ -188,7 +196,6 @@ def test_gradcheck_op(backend, layout):
     assert torch.autograd.gradcheck(f, (x, w, b, gate))
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("encoder", [ENCODERS[3], ENCODERS[9], ENCODERS[10]], ids=lambda e: e[0])
 def test_gradcheck_layer(backend, recompute, encoder):
@@ -207,7 +214,6 @@ def test_gradcheck_layer(backend, recompute, encoder):
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_recompute_matches_saved(backend):
     fused, _ = _twins(backend, torch.float64, 3, 4, 3, 1, 1, 1, 1, True, "zeros")
     recomputing = copy.deepcopy(fused)
@@ -221,7 +227,6 @@ def test_recompute_matches_saved(backend):
         assert_close(g1, g2)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_saved_tensors_default_and_recompute(backend):
     """Backward keeps the ungated convolution by default and only the input with recompute."""
     fused, _ = _twins(backend, torch.float32, 3, 4, 3, 1, 1, 1, 1, True, "zeros")
@@ -240,7 +245,6 @@ def test_saved_tensors_default_and_recompute(backend):
     assert conv_shape not in saved_shapes(fused)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_block_matches_reference(backend):
     block = cg.FusedCoordGateBlock2d(3, 5, 2, 3, padding=1, dtype=torch.float64, backend=backend)
     _randomise(block)

@@ -42,6 +42,27 @@ def cpu_cache_bytes() -> int:
     return _C.cpu_cache_bytes() if loaded() else 0
 
 
+CPU_ENGINES = ("auto", "aten", "implicit_gemm")
+
+
+def set_cpu_engine(engine: str) -> None:
+    """How the CPU kernels convolve: "aten" (oneDNN, the fast path), "implicit_gemm" (the
+    decomposition and per-element maths of the CUDA kernels, run on the host) or "auto"
+    (the implicit GEMM for float64, which oneDNN lacks; ATen otherwise). Process-wide."""
+    if engine not in CPU_ENGINES:
+        raise ValueError(f"cpu engine must be one of {', '.join(CPU_ENGINES)}; got {engine!r}")
+    if not loaded():
+        raise RuntimeError(LOAD_ERROR)
+    _C.set_cpu_engine(engine)
+
+
+def cpu_engine() -> str:
+    """The CPU kernels' convolution engine (see set_cpu_engine)."""
+    if not loaded():
+        raise RuntimeError(LOAD_ERROR)
+    return _C.cpu_engine()
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether coordgate_ext::op has a kernel registered for dispatch_key ("CPU", "CUDA")."""
     if not loaded():

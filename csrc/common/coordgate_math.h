@@ -1,8 +1,9 @@
 // Per-element maths of CoordGate shared by the CPU and CUDA kernels.
 //
 // Everything here is C10_HOST_DEVICE so that the CPU kernels (tested directly) run the
-// same code the GPU kernels will: coordinates of the output grid, the encoder activations
-// and their derivatives, and the output size of a convolution.
+// same code the GPU kernels will: coordinates of the output grid, the encoder's layers, its
+// activations and their derivatives, the gate's application and the terms of its backward.
+// The convolution's index arithmetic is in conv_geometry.h.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -109,6 +110,113 @@ C10_HOST_DEVICE inline decltype(auto) with_activation(Activation act, F&& f) {
     default:
       return f(std::integral_constant<Activation, Activation::kNone>{});
   }
+}
+
+// phi(a) and phi'(a) for an activation known only at run time (inside GPU kernels, where one
+// kernel serves every activation and the switch costs nothing next to the convolution).
+template <typename T>
+C10_HOST_DEVICE inline T activate(Activation act, T a) {
+  return with_activation(act, [&](auto A) { return activate<decltype(A)::value>(a); });
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T activate_grad(Activation act, T a) {
+  return with_activation(act, [&](auto A) { return activate_grad<decltype(A)::value>(a); });
+}
+
+// Pre-activation of unit o of the encoder's first layer (weight (E, 2) row-major, bias (E))
+// at coordinates (r, q): w[o, 0] * r + w[o, 1] * q + b[o].
+template <typename T, typename W>
+C10_HOST_DEVICE inline T encoder_input_unit(const W* weight, const W* bias, int64_t o, T r,
+                                            T q) {
+  return static_cast<T>(weight[2 * o]) * r + static_cast<T>(weight[2 * o + 1]) * q +
+         static_cast<T>(bias[o]);
+}
+
+// bias + sum_i w[i * w_stride] * x[i * x_stride], accumulated in T: one unit of a dense
+// layer (w a row of an (out, in) weight, w_stride 1), or of its transpose (w a column,
+// w_stride = out) in backward. Also the 1x1 channel mix.
+template <typename T, typename W, typename X>
+C10_HOST_DEVICE inline T dense_unit(const W* w, int64_t w_stride, T bias, const X* x,
+                                    int64_t x_stride, int64_t n) {
+  T acc = bias;
+  for (int64_t i = 0; i < n; ++i) {
+    acc += static_cast<T>(w[i * w_stride]) * static_cast<T>(x[i * x_stride]);
+  }
+  return acc;
+}
+
+// The gated output of one convolution value: (conv + bias) * gate (the bias is gated too).
+template <typename T>
+C10_HOST_DEVICE inline T gated_output(T conv, T bias, T gate) {
+  return (conv + bias) * gate;
+}
+
+// Backward of out = y * gate at one element: the gradient reaching the convolution
+// (dy = dout * gate) and one image's term of the gate's gradient (dgate += dout * y).
+template <typename T>
+C10_HOST_DEVICE inline T conv_grad_term(T dout, T gate) {
+  return dout * gate;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T gate_grad_term(T dout, T y) {
+  return dout * y;
+}
+
+// The MLP coordinate encoder as the kernels read it: L layers, layer l's weight row-major
+// (width[l], width[l-1]) with width[-1] = 2, its bias (width[l]); phi between layers, psi at
+// the end. The pointers are host or device pointers, to match the kernel that reads them.
+constexpr int kMaxEncoderLayers = 8;
+
+template <typename W>
+struct EncoderParams {
+  const W* weight[kMaxEncoderLayers];
+  const W* bias[kMaxEncoderLayers];
+  int64_t width[kMaxEncoderLayers];
+  int layers;
+  Activation hidden, gate;
+};
+
+// Runs every layer but the last at coordinates (r, q), ping-ponging between the buffers a
+// and b (feature f at [f * stride], each at least max(width) long), and returns the one
+// that holds the last hidden activations; nullptr for a one-layer encoder, whose last
+// layer reads the coordinates.
+template <typename T, typename W>
+C10_HOST_DEVICE inline T* encoder_hidden(const EncoderParams<W>& e, T r, T q, T* a, T* b,
+                                         int64_t stride) {
+  if (e.layers == 1) return nullptr;
+  for (int64_t o = 0; o < e.width[0]; ++o) {
+    a[o * stride] = activate(e.hidden, encoder_input_unit<T>(e.weight[0], e.bias[0], o, r, q));
+  }
+  T* in = a;
+  T* out = b;
+  for (int l = 1; l + 1 < e.layers; ++l) {
+    const int64_t fan_in = e.width[l - 1];
+    for (int64_t o = 0; o < e.width[l]; ++o) {
+      out[o * stride] = activate(e.hidden, dense_unit(e.weight[l] + o * fan_in, 1,
+                                                      static_cast<T>(e.bias[l][o]), in, stride,
+                                                      fan_in));
+    }
+    T* t = in;
+    in = out;
+    out = t;
+  }
+  return in;
+}
+
+// The gate of channel c at coordinates (r, q): psi of the last layer applied to the hidden
+// activations that encoder_hidden returned.
+template <typename T, typename W>
+C10_HOST_DEVICE inline T encoder_gate(const EncoderParams<W>& e, int64_t c, const T* hidden,
+                                      int64_t stride, T r, T q) {
+  const int last = e.layers - 1;
+  if (last == 0) {
+    return activate(e.gate, encoder_input_unit<T>(e.weight[0], e.bias[0], c, r, q));
+  }
+  const int64_t fan_in = e.width[last - 1];
+  return activate(e.gate, dense_unit(e.weight[last] + c * fan_in, 1,
+                                     static_cast<T>(e.bias[last][c]), hidden, stride, fan_in));
 }
 
 // Output length of a convolution along one dimension (nn.Conv2d's formula).

@@ -134,6 +134,43 @@ std::optional<at::Tensor> cast_optional(const std::optional<at::Tensor>& t,
   return t->to(dtype);
 }
 
+// gated_conv2d_backward by the implicit-GEMM engine; x, w, b in the compute dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_gemm_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
+    const std::optional<at::Tensor>& b, const at::Tensor& gate, const at::Tensor& conv_out,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 4> output_mask, at::ScalarType dtype, at::MemoryFormat fmt) {
+  const auto geo = conv_geometry(x, w, stride, padding, dilation, groups);
+  const auto cdtype = x.scalar_type();
+  const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  const int64_t tiles = implicit_gemm_tiles(geo), cg = geo.out_per_group();
+  const int64_t tiles_per_group = tiles / groups;
+  ImplicitGemmGrads grads;
+  if (output_mask[0]) grads.input = at::empty(x.sizes(), opts).contiguous(fmt);
+  if (output_mask[1]) grads.weight_parts = at::empty({tiles, cg, geo.reduction()}, opts);
+  if (output_mask[2] && b) grads.bias_parts = at::empty({tiles, cg}, opts);
+  if (output_mask[3]) grads.gate = at::empty({geo.channels, geo.pixels()}, opts);
+  implicit_gemm_backward(geo, grad_out.to(cdtype), x, w, b, gate.to(cdtype),
+                         output_mask[3] && conv_out.numel() > 0 ? conv_out.to(cdtype)
+                                                                : at::Tensor(),
+                         grads);
+  auto empty = [&] { return at::empty({0}, x.options().dtype(dtype)); };
+  at::Tensor grad_input = empty(), grad_weight = empty(), grad_bias = empty(),
+             grad_gate = empty();
+  if (output_mask[0]) grad_input = grads.input.to(dtype);
+  if (output_mask[1]) {
+    grad_weight = grads.weight_parts.view({groups, tiles_per_group, cg, geo.reduction()})
+                      .sum(1)
+                      .view(w.sizes())
+                      .to(dtype);
+  }
+  if (grads.bias_parts.defined()) {
+    grad_bias = grads.bias_parts.view({groups, tiles_per_group, cg}).sum(1).view({-1}).to(dtype);
+  }
+  if (output_mask[3]) grad_gate = grads.gate.view(gate.sizes()).to(dtype);
+  return {grad_input, grad_weight, grad_bias, grad_gate};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
@@ -147,6 +184,15 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
   const auto cdtype = compute_dtype(dtype);
   const auto fmt = output_memory_format(input);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  if (use_implicit_gemm(cdtype)) {
+    const auto geo = conv_geometry(input, weight, stride, padding, dilation, groups);
+    const std::vector<int64_t> shape{geo.batch, geo.channels, geo.out_h, geo.out_w};
+    auto out = empty_cached(shape, cdtype, fmt);
+    auto y = save_conv ? empty_cached(shape, cdtype, fmt) : at::Tensor();
+    implicit_gemm_forward(geo, input.to(cdtype), weight.to(cdtype), cast_optional(bias, cdtype),
+                          gate.to(cdtype), nullptr, out, save_conv ? &y : nullptr);
+    return {out.to(dtype), save_conv ? y.to(dtype) : at::empty({0}, input.options())};
+  }
   const auto y = conv_forward(input.to(cdtype), weight.to(cdtype), cast_optional(bias, cdtype),
                               stride, padding, dilation, groups, fmt);
   // In place when backward does not need the ungated convolution.
@@ -188,6 +234,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_conv2d_backward
   const auto w = weight.to(cdtype);
   const auto b = cast_optional(bias, cdtype);
 
+  if (use_implicit_gemm(cdtype)) {
+    return implicit_gemm_backward_cpu(grad_out, x, w, b, gate, conv_out, stride, padding,
+                                      dilation, groups, output_mask, dtype, fmt);
+  }
   at::Tensor dy, dgate, y;
   const auto dout = grad_out.to(cdtype).contiguous(fmt);
   if (need_conv_grads) dy = empty_cached(dout.sizes(), cdtype, fmt);

@@ -8,7 +8,50 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/conv_geometry.h"
+#include "../common/coordgate_math.h"
+
 namespace coordgate {
+
+// How the CPU kernels convolve: ATen's convolution (oneDNN) with the gate applied around it,
+// or the implicit-GEMM engine of implicit_gemm.cpp, which runs the CUDA kernels' per-element
+// maths. kAuto takes the implicit GEMM for float64 (oneDNN has no float64 kernels) and ATen
+// otherwise. Set with coordgate_ext.set_cpu_engine.
+enum class CpuEngine : int { kAuto = 0, kAten = 1, kImplicitGemm = 2 };
+
+void set_cpu_engine(CpuEngine engine);
+CpuEngine cpu_engine();
+bool use_implicit_gemm(at::ScalarType compute_dtype);
+
+// The MLP encoder for the implicit GEMM's per-tile gate: parameters in the compute dtype,
+// contiguous.
+struct EncoderSpec {
+  std::vector<at::Tensor> weight, bias;
+  Activation hidden, gate;
+};
+
+// Where the implicit GEMM's backward writes; an undefined tensor is a gradient not asked
+// for. input: like the input (zero padding needs no initialisation: every element is
+// written); weight_parts (implicit_gemm_tiles, C/groups, K) and bias_parts
+// (implicit_gemm_tiles, C/groups): per-tile partial sums, tile-major within each group;
+// gate (C, Ho * Wo) contiguous.
+struct ImplicitGemmGrads {
+  at::Tensor input, weight_parts, bias_parts, gate;
+};
+
+int64_t implicit_gemm_tiles(const ConvGeometry& g);
+
+// out (and y = conv + bias, when y is given) for the gate map (C, Ho, Wo) or, when encoder
+// is given (gate undefined), the gate evaluated per tile. Every tensor in the compute dtype.
+void implicit_gemm_forward(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& gate,
+                           const EncoderSpec* encoder, at::Tensor& out, at::Tensor* y);
+
+// Gradients of out = gate * (conv + bias) given dout; y undefined means recompute it.
+void implicit_gemm_backward(const ConvGeometry& g, const at::Tensor& dout, const at::Tensor& x,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& gate, const at::Tensor& y,
+                            const ImplicitGemmGrads& grads);
 
 at::Tensor mlp_gate_cpu(at::TensorList weights, at::TensorList biases, int64_t height,
                         int64_t width, c10::string_view hidden_activation,

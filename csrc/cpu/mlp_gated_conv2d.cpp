@@ -3,6 +3,7 @@
 // in backward (it is cheap next to the convolution), so nothing of size (C, Ho, Wo) is kept
 // between the two.
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include "../ops.h"
@@ -23,6 +24,38 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
                   dilation.size() == 2,
               "mlp_gated_conv2d: expected a 4-D weight and two-entry stride, padding, dilation");
   const auto [out_h, out_w] = conv_output_grid(input, weight, stride, padding, dilation);
+  const auto cdtype = compute_dtype(input.scalar_type());
+  if (use_implicit_gemm(cdtype) && encoder_weights.size() == encoder_biases.size() &&
+      !encoder_weights.empty() && encoder_weights[0].scalar_type() == cdtype &&
+      static_cast<int64_t>(encoder_weights.size()) <= kMaxEncoderLayers) {
+    // The gate evaluated per tile, as the CUDA kernel's in-kernel encoder does.
+    check_mlp_args(encoder_weights, encoder_biases, out_h, out_w);
+    TORCH_CHECK(encoder_weights.back().size(0) == weight.size(0),
+                "mlp_gated_conv2d: the encoder gives ", encoder_weights.back().size(0),
+                " gate channels, the convolution ", weight.size(0));
+    // The convolution's checks, with a stand-in gate of the right shape (no memory).
+    check_gated_conv2d_args(input, weight, bias,
+                            at::empty({1, 1, 1}, input.options())
+                                .expand({weight.size(0), out_h, out_w}),
+                            stride, padding, dilation, groups);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    EncoderSpec enc{{}, {}, parse_activation(hidden_activation),
+                    parse_activation(gate_activation)};
+    for (size_t l = 0; l < encoder_weights.size(); ++l) {
+      enc.weight.push_back(encoder_weights[l].contiguous());
+      enc.bias.push_back(encoder_biases[l].contiguous());
+    }
+    const auto geo = conv_geometry(input, weight, stride, padding, dilation, groups);
+    const auto fmt = output_memory_format(input);
+    const std::vector<int64_t> shape{geo.batch, geo.channels, out_h, out_w};
+    auto out = at::empty(shape, input.options().dtype(cdtype)).contiguous(fmt);
+    auto y = save_conv ? at::empty_like(out) : at::Tensor();
+    const auto b = bias ? std::optional<at::Tensor>(bias->to(cdtype)) : std::nullopt;
+    implicit_gemm_forward(geo, input.to(cdtype), weight.to(cdtype), b, at::Tensor(), &enc, out,
+                          save_conv ? &y : nullptr);
+    const auto dtype = input.scalar_type();
+    return {out.to(dtype), save_conv ? y.to(dtype) : at::empty({0}, input.options())};
+  }
   const auto gate = mlp_gate_cpu(encoder_weights, encoder_biases, out_h, out_w,
                                  hidden_activation, gate_activation);
   return gated_conv2d_cpu(input, weight, bias, gate.to(input.scalar_type()), stride, padding,

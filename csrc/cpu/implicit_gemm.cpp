@@ -1,0 +1,307 @@
+// The CPU's implicit-GEMM engine of the gated convolution: the decomposition the CUDA
+// kernels use (csrc/cuda/gated_conv2d.cu), run on the host with the same per-element
+// functions from csrc/common, so that the CPU tests exercise the GPU's maths: the gather
+// of the input through stride / dilation / padding / groups, the gate evaluated per tile
+// from the encoder, the gated epilogue, the backward terms, and the input gradient's
+// gather through the inverse index map.
+//
+// Forward, per (group, tile of output pixels), the batch loop inside so that the gate is
+// read or evaluated once per tile: cols (K, tile) gathered from the input, acc = W_g cols
+// (ATen's GEMM), epilogue out = (acc + b) * g. Backward pass 1, per (group, tile): dy =
+// dout * g, dgate = sum_n dout * y (y saved or recomputed from cols), the bias and weight
+// gradients as per-tile partials summed in tile order. Pass 2, per (group, image, tile of
+// input pixels): the input gradient as a GEMM over the gathered dy.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
+#include <atomic>
+
+#include "../common/conv_geometry.h"
+#include "../ops.h"
+#include "kernels.h"
+
+namespace coordgate {
+namespace {
+
+// Pixels per tile: cols (K x kTile) stays in L2 for the usual K = Cin * 9 <= 600.
+constexpr int64_t kTile = 256;
+
+std::atomic<int> g_cpu_engine{static_cast<int>(CpuEngine::kAuto)};
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// cols[k * kTile + i] = the input value that reduction index k reads at pixel p0 + i.
+template <typename T>
+void gather_input(const ConvGeometry& g, const T* x, const Strides4& xs, int64_t n,
+                  int64_t group, int64_t p0, int64_t count, T* cols) {
+  const int64_t K = g.reduction();
+  for (int64_t k = 0; k < K; ++k) {
+    T* row = cols + k * kTile;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t p = p0 + i;
+      const int64_t off = conv_gather_offset(g, xs, n, group, k, p / g.out_w, p % g.out_w);
+      row[i] = off < 0 ? T(0) : x[off];
+    }
+  }
+}
+
+// gate[c_local * kTile + i] for the group's channels at pixels p0 .. p0 + count, from the
+// encoder; scratch holds 2 * max width values.
+template <typename T>
+void encoder_tile(const ConvGeometry& g, const EncoderParams<T>& enc, int64_t group,
+                  int64_t p0, int64_t count, T* gate, T* scratch, int64_t max_width) {
+  const int64_t cg = g.out_per_group();
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t p = p0 + i;
+    const T r = grid_coordinate<T>(p / g.out_w, g.out_h);
+    const T q = grid_coordinate<T>(p % g.out_w, g.out_w);
+    const T* hidden = encoder_hidden(enc, r, q, scratch, scratch + max_width, 1);
+    for (int64_t c = 0; c < cg; ++c) {
+      gate[c * kTile + i] = encoder_gate(enc, group * cg + c, hidden, 1, r, q);
+    }
+  }
+}
+
+template <typename T>
+EncoderParams<T> encoder_params(const std::vector<at::Tensor>& w,
+                                const std::vector<at::Tensor>& b, Activation hidden,
+                                Activation gate, int64_t* max_width) {
+  EncoderParams<T> e{};
+  e.layers = static_cast<int>(w.size());
+  e.hidden = hidden;
+  e.gate = gate;
+  *max_width = 2;
+  for (int l = 0; l < e.layers; ++l) {
+    e.weight[l] = w[l].data_ptr<T>();
+    e.bias[l] = b[l].data_ptr<T>();
+    e.width[l] = w[l].size(0);
+    *max_width = std::max(*max_width, e.width[l]);
+  }
+  return e;
+}
+
+template <typename T>
+void forward_kernel(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w2d,
+                    const T* bias, const T* gate_map, const EncoderSpec* encoder,
+                    at::Tensor& out, at::Tensor* y) {
+  const int64_t P = g.pixels(), K = g.reduction(), cg = g.out_per_group();
+  const int64_t tiles = (P + kTile - 1) / kTile;
+  const Strides4 xs = strides_of(x), os = strides_of(out);
+  const Strides4 ys = y ? strides_of(*y) : Strides4{};
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  T* yp = y ? y->data_ptr<T>() : nullptr;
+  int64_t max_width = 0;
+  const EncoderParams<T> enc =
+      encoder ? encoder_params<T>(encoder->weight, encoder->bias, encoder->hidden,
+                                  encoder->gate, &max_width)
+              : EncoderParams<T>{};
+  at::parallel_for(0, g.groups * tiles, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto cols = at::empty({K, kTile}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    auto acc = at::empty({cg, kTile}, cols.options());
+    auto gate_tile = at::empty({cg, kTile}, cols.options());
+    std::vector<T> scratch(2 * max_width);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t group = item / tiles;
+      const int64_t p0 = (item % tiles) * kTile;
+      const int64_t count = std::min(kTile, P - p0);
+      if (encoder) {
+        encoder_tile(g, enc, group, p0, count, gate_tile.data_ptr<T>(), scratch.data(),
+                     max_width);
+      }
+      const auto w_g = w2d.narrow(0, group * cg, cg);
+      auto acc_v = acc.narrow(1, 0, count);
+      for (int64_t n = 0; n < g.batch; ++n) {
+        gather_input(g, xp, xs, n, group, p0, count, cols.data_ptr<T>());
+        at::mm_out(acc_v, w_g, cols.narrow(1, 0, count));
+        const T* a = acc.data_ptr<T>();
+        for (int64_t cl = 0; cl < cg; ++cl) {
+          const int64_t c = group * cg + cl;
+          const T b = bias ? bias[c] : T(0);
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t p = p0 + i, oh = p / g.out_w, ow = p % g.out_w;
+            const T gv = gate_map ? gate_map[c * P + p] : gate_tile.data_ptr<T>()[cl * kTile + i];
+            const T v = a[cl * kTile + i];
+            op[os.offset(n, c, oh, ow)] = gated_output(v, b, gv);
+            if (yp) yp[ys.offset(n, c, oh, ow)] = v + b;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const ConvGeometry& g, const at::Tensor& dout, const at::Tensor& x,
+                     const at::Tensor& w2d, const T* bias, const T* gate_map,
+                     const at::Tensor& y, const ImplicitGemmGrads& grads) {
+  const int64_t P = g.pixels(), K = g.reduction(), cg = g.out_per_group();
+  const int64_t cin_g = g.in_per_group(), taps = g.taps();
+  const int64_t tiles = (P + kTile - 1) / kTile;
+  const Strides4 xs = strides_of(x), ds = strides_of(dout);
+  const bool recompute = !y.defined();
+  const Strides4 ys = recompute ? Strides4{} : strides_of(y);
+  const T* xp = x.data_ptr<T>();
+  const T* dp = dout.data_ptr<T>();
+  const T* yp = recompute ? nullptr : y.data_ptr<T>();
+  const bool need_input = grads.input.defined(), need_weight = grads.weight_parts.defined();
+  const bool need_bias = grads.bias_parts.defined(), need_gate = grads.gate.defined();
+  const bool need_cols = need_weight || (need_gate && recompute);
+  // dy = dout * gate, (N, C, P) contiguous: what the input gradient's gather reads.
+  at::Tensor dy;
+  if (need_input) dy = at::empty({g.batch, g.channels, P}, w2d.options());
+  T* dyp = need_input ? dy.data_ptr<T>() : nullptr;
+  T* dgp = need_gate ? grads.gate.data_ptr<T>() : nullptr;
+
+  at::parallel_for(0, g.groups * tiles, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto cols = at::empty({K, kTile}, w2d.options());
+    auto acc = at::empty({cg, kTile}, w2d.options());
+    auto dy_tile = at::empty({cg, kTile}, w2d.options());
+    std::vector<T> dgate_tile(cg * kTile);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t group = item / tiles, tile = item % tiles;
+      const int64_t p0 = tile * kTile;
+      const int64_t count = std::min(kTile, P - p0);
+      const auto w_g = w2d.narrow(0, group * cg, cg);
+      auto cols_v = cols.narrow(1, 0, count);
+      auto dy_v = dy_tile.narrow(1, 0, count);
+      auto acc_v = acc.narrow(1, 0, count);
+      std::fill(dgate_tile.begin(), dgate_tile.end(), T(0));
+      T* bias_part = need_bias ? grads.bias_parts[item].data_ptr<T>() : nullptr;
+      if (bias_part) std::fill(bias_part, bias_part + cg, T(0));
+      auto weight_part = need_weight ? grads.weight_parts[item] : at::Tensor();
+      if (need_weight) weight_part.zero_();
+      for (int64_t n = 0; n < g.batch; ++n) {
+        if (need_cols) gather_input(g, xp, xs, n, group, p0, count, cols.data_ptr<T>());
+        if (need_gate && recompute) at::mm_out(acc_v, w_g, cols_v);
+        T* dyt = dy_tile.data_ptr<T>();
+        const T* a = acc.data_ptr<T>();
+        for (int64_t cl = 0; cl < cg; ++cl) {
+          const int64_t c = group * cg + cl;
+          const T b = bias ? bias[c] : T(0);
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t p = p0 + i, oh = p / g.out_w, ow = p % g.out_w;
+            const T d = dp[ds.offset(n, c, oh, ow)];
+            const T dyv = conv_grad_term(d, gate_map[c * P + p]);
+            dyt[cl * kTile + i] = dyv;
+            if (dyp) dyp[(n * g.channels + c) * P + p] = dyv;
+            if (bias_part) bias_part[cl] += dyv;
+            if (need_gate) {
+              const T yv = recompute ? a[cl * kTile + i] + b : yp[ys.offset(n, c, oh, ow)];
+              dgate_tile[cl * kTile + i] += gate_grad_term(d, yv);
+            }
+          }
+        }
+        if (need_weight) weight_part.addmm_(dy_v, cols_v.t());
+      }
+      if (need_gate) {
+        for (int64_t cl = 0; cl < cg; ++cl) {
+          const int64_t c = group * cg + cl;
+          std::copy(dgate_tile.begin() + cl * kTile, dgate_tile.begin() + cl * kTile + count,
+                    dgp + c * P + p0);
+        }
+      }
+    }
+  });
+  if (!need_input) return;
+
+  // Pass 2: dx[n, group, :, pixel] = Wt_g (cin_g, cg * taps) . dy gathered (cg * taps, tile).
+  const int64_t in_pixels = g.height * g.width;
+  const int64_t in_tiles = (in_pixels + kTile - 1) / kTile;
+  const auto wt = w2d.view({g.groups, cg, cin_g, taps}).permute({0, 2, 1, 3}).reshape(
+      {g.groups, cin_g, cg * taps});
+  const Strides4 dys{g.channels * P, P, g.out_w, 1};
+  at::Tensor dx = grads.input;
+  const Strides4 dxs = strides_of(dx);
+  T* dxp = dx.data_ptr<T>();
+  at::parallel_for(0, g.groups * g.batch * in_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto gathered = at::empty({cg * taps, kTile}, w2d.options());
+    auto dx_tile = at::empty({cin_g, kTile}, w2d.options());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t group = item / (g.batch * in_tiles);
+      const int64_t n = (item / in_tiles) % g.batch;
+      const int64_t q0 = (item % in_tiles) * kTile;
+      const int64_t count = std::min(kTile, in_pixels - q0);
+      T* gp = gathered.data_ptr<T>();
+      for (int64_t cl = 0; cl < cg; ++cl) {
+        for (int64_t t = 0; t < taps; ++t) {
+          T* row = gp + (cl * taps + t) * kTile;
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t q = q0 + i;
+            int64_t pixel;
+            const int64_t off = conv_scatter_offset(g, dys, n, group * cg + cl, t / g.kernel_w,
+                                                    t % g.kernel_w, q / g.width, q % g.width,
+                                                    &pixel);
+            row[i] = off < 0 ? T(0) : dyp[off];
+          }
+        }
+      }
+      auto dx_v = dx_tile.narrow(1, 0, count);
+      at::mm_out(dx_v, wt[group], gathered.narrow(1, 0, count));
+      const T* dt = dx_tile.data_ptr<T>();
+      for (int64_t ci = 0; ci < cin_g; ++ci) {
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t q = q0 + i;
+          dxp[dxs.offset(n, group * cin_g + ci, q / g.width, q % g.width)] = dt[ci * kTile + i];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void set_cpu_engine(CpuEngine engine) { g_cpu_engine.store(static_cast<int>(engine)); }
+
+CpuEngine cpu_engine() { return static_cast<CpuEngine>(g_cpu_engine.load()); }
+
+bool use_implicit_gemm(at::ScalarType compute_dtype) {
+  switch (cpu_engine()) {
+    case CpuEngine::kImplicitGemm:
+      return true;
+    case CpuEngine::kAten:
+      return false;
+    case CpuEngine::kAuto:
+    default:
+      // oneDNN has no float64 kernels; ATen's float64 convolution is a slow im2col anyway.
+      return compute_dtype == at::kDouble;
+  }
+}
+
+int64_t implicit_gemm_tiles(const ConvGeometry& g) {
+  return g.groups * ((g.pixels() + kTile - 1) / kTile);
+}
+
+void implicit_gemm_forward(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& gate,
+                           const EncoderSpec* encoder, at::Tensor& out, at::Tensor* y) {
+  const auto w2d = weight.contiguous().view({g.channels, g.reduction()});
+  const auto b = bias ? bias->contiguous() : at::Tensor();
+  const auto gmap = gate.defined() ? gate.contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "implicit_gemm_forward", [&] {
+    forward_kernel<scalar_t>(g, x, w2d, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                             gmap.defined() ? gmap.data_ptr<scalar_t>() : nullptr, encoder, out,
+                             y);
+  });
+}
+
+void implicit_gemm_backward(const ConvGeometry& g, const at::Tensor& dout, const at::Tensor& x,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& gate, const at::Tensor& y,
+                            const ImplicitGemmGrads& grads) {
+  const auto w2d = weight.contiguous().view({g.channels, g.reduction()});
+  const auto b = bias ? bias->contiguous() : at::Tensor();
+  const auto gmap = gate.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "implicit_gemm_backward", [&] {
+    backward_kernel<scalar_t>(g, dout, x, w2d, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                              gmap.data_ptr<scalar_t>(), y, grads);
+  });
+}
+
+}  // namespace coordgate
