@@ -174,7 +174,9 @@ def coordgate_conv2d(
         input, weight, bias, mix_weight, mix_bias = _autocast(input, weight, bias, mix_weight, mix_bias)
         gate_needs_grad = any(t.requires_grad for t in (*gate.weights, *gate.biases))
     pad = (top, left)
-    save_conv = torch.is_grad_enabled() and gate_needs_grad and not recompute
+    # The ungated convolution is what the gate's and the mix weight's gradients need.
+    mix_needs_grad = mix_weight is not None and mix_weight.requires_grad
+    save_conv = torch.is_grad_enabled() and (gate_needs_grad or mix_needs_grad) and not recompute
     backend = dispatch.resolve(backend, input.device)
     if backend == "triton":
         from .ops import triton_ops  # imports triton: only when this backend runs
@@ -193,15 +195,14 @@ def coordgate_conv2d(
             gate = reference.mlp_gate(list(gate.weights), list(gate.biases), out_h, out_w,
                                       gate.hidden_activation, gate.gate_activation).to(input.dtype)
         out = reference.gated_conv2d(input, weight, bias, gate, stride, pad, dilation, groups)
-    elif isinstance(gate, MLPGate):
+        return out if mix_weight is None else F.conv2d(out, mix_weight, mix_bias)
+    if isinstance(gate, MLPGate):
         out, _ = torch.ops.coordgate_ext.mlp_gated_conv2d(
             input, weight, bias, list(gate.weights), list(gate.biases), gate.hidden_activation,
-            gate.gate_activation, stride, pad, dilation, groups, save_conv
+            gate.gate_activation, stride, pad, dilation, groups, mix_weight, mix_bias, save_conv
         )
-    else:
-        out, _ = torch.ops.coordgate_ext.gated_conv2d(
-            input, weight, bias, gate, stride, pad, dilation, groups, save_conv
-        )
-    if mix_weight is not None:
-        out = F.conv2d(out, mix_weight, mix_bias)
+        return out
+    out, _ = torch.ops.coordgate_ext.gated_conv2d(
+        input, weight, bias, gate, stride, pad, dilation, groups, mix_weight, mix_bias, save_conv
+    )
     return out

@@ -136,6 +136,92 @@ at::MemoryFormat output_memory_format(const at::Tensor& input) {
              : at::MemoryFormat::Contiguous;
 }
 
+void check_mix_args(const std::optional<at::Tensor>& mix_weight,
+                    const std::optional<at::Tensor>& mix_bias, const at::Tensor& input,
+                    int64_t channels) {
+  if (!mix_weight) {
+    TORCH_CHECK(!mix_bias, "gated_conv2d: a mix_bias was given without a mix_weight");
+    return;
+  }
+  const auto& m = *mix_weight;
+  TORCH_CHECK(m.dim() == 4 && m.size(1) == channels && m.size(2) == 1 && m.size(3) == 1,
+              "gated_conv2d: expected a mix_weight of shape (Cout, ", channels,
+              ", 1, 1), got ", m.sizes());
+  TORCH_CHECK(m.scalar_type() == input.scalar_type() &&
+                  (!mix_bias || mix_bias->scalar_type() == input.scalar_type()),
+              "gated_conv2d: mix_weight and mix_bias must have the input's dtype (",
+              input.scalar_type(), "); got ", m.scalar_type());
+  TORCH_CHECK(m.device() == input.device() &&
+                  (!mix_bias || mix_bias->device() == input.device()),
+              "gated_conv2d: mix_weight and mix_bias must be on the input's device (",
+              input.device(), "); got ", m.device());
+  if (mix_bias) {
+    TORCH_CHECK(mix_bias->dim() == 1 && mix_bias->size(0) == m.size(0),
+                "gated_conv2d: expected a mix_bias of shape (", m.size(0), "), got ",
+                mix_bias->sizes());
+  }
+}
+
+at::Tensor apply_mix(const at::Tensor& gated, const at::Tensor& mix_weight,
+                     const std::optional<at::Tensor>& mix_bias) {
+  const auto fmt = output_memory_format(gated);
+  return at::conv2d(gated, mix_weight, mix_bias).contiguous(fmt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mix_backward(
+    const at::Tensor& grad_out, const at::Tensor& conv, const at::Tensor& gate,
+    const at::Tensor& mix_weight, bool need_gated, bool need_weight, bool need_bias) {
+  const auto fmt = output_memory_format(grad_out);
+  at::Tensor grad_gated, grad_weight, grad_bias;
+  const auto m2d = mix_weight.view({mix_weight.size(0), mix_weight.size(1)});
+  if (need_gated) {
+    // d gated[n, c] = sum_o M[o, c] d out[n, o]: a 1x1 convolution by M^T.
+    grad_gated = at::conv2d(grad_out, m2d.t().reshape({m2d.size(1), m2d.size(0), 1, 1}))
+                     .contiguous(fmt);
+  }
+  if (need_weight) {
+    // d M[o, c] = sum_{n, pixel} d out[n, o] * gate[c] * conv[n, c].
+    const auto gated = conv * gate.unsqueeze(0);
+    grad_weight = at::einsum("nohw,nchw->oc", {grad_out, gated}).view(mix_weight.sizes());
+  }
+  if (need_bias) grad_bias = grad_out.sum({0, 2, 3});
+  return {grad_gated, grad_weight, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_backward_with_mix(
+    const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& conv_out,
+    const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
+    std::array<bool, 6> output_mask,
+    const std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, std::array<bool, 4>)>& core,
+    const std::function<at::Tensor()>& recompute_conv) {
+  const std::array<bool, 4> mask{output_mask[0], output_mask[1], output_mask[2],
+                                 output_mask[3]};
+  auto empty = [&] { return at::empty({0}, grad_out.options()); };
+  if (!mix_weight) {
+    TORCH_CHECK(!output_mask[4] && !output_mask[5],
+                "gated_conv2d_backward: mix gradients asked for without a mix_weight");
+    auto [gi, gw, gb, gg] = core(grad_out, conv_out, mask);
+    return {gi, gw, gb, gg, empty(), empty()};
+  }
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(1) == mix_weight->size(0),
+              "gated_conv2d_backward: expected grad_out of shape (N, ", mix_weight->size(0),
+              ", Ho, Wo) (the mix's output channels), got ", grad_out.sizes());
+  const bool need_gated = mask[0] || mask[1] || mask[2] || mask[3];
+  at::Tensor conv = conv_out;
+  if (output_mask[4] && conv.numel() == 0) conv = recompute_conv();
+  const auto dtype = grad_out.scalar_type();
+  const auto cdtype = compute_dtype(dtype);
+  auto [grad_gated, grad_mix_w, grad_mix_b] = mix_backward(
+      grad_out.to(cdtype), output_mask[4] ? conv.to(cdtype) : conv, gate.to(cdtype),
+      mix_weight->to(cdtype), need_gated, output_mask[4], output_mask[5] && mix_bias);
+  at::Tensor gi = empty(), gw = empty(), gb = empty(), gg = empty();
+  if (need_gated) std::tie(gi, gw, gb, gg) = core(grad_gated.to(dtype), conv, mask);
+  return {gi, gw, gb, gg, output_mask[4] ? grad_mix_w.to(dtype) : empty(),
+          output_mask[5] && mix_bias ? grad_mix_b.to(dtype) : empty()};
+}
+
 at::ScalarType compute_dtype(at::ScalarType dtype) {
   return dtype == at::kHalf || dtype == at::kBFloat16 ? at::kFloat : dtype;
 }
@@ -152,31 +238,37 @@ TORCH_LIBRARY(coordgate_ext, m) {
   m.def(
       "mlp_gate_backward(Tensor grad_gate, Tensor[] weights, Tensor[] biases, int height, "
       "int width, str hidden_activation, str gate_activation) -> (Tensor[], Tensor[])");
-  // out = gate[None] * (conv2d(input, weight, bias, stride, padding, dilation, groups)).
+  // gated = gate[None] * (conv2d(input, weight, bias, stride, padding, dilation, groups));
+  // out = gated, or conv2d(gated, mix_weight (Cout, C, 1, 1), mix_bias) with a 1x1 mix.
   // Returns (out, conv) where conv is the ungated convolution when save_conv is true (what
-  // backward needs for the gate gradient) and an empty tensor otherwise.
+  // backward needs for the gate's and the mix weight's gradients) and an empty tensor
+  // otherwise.
   m.def(
       "gated_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor gate, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, bool save_conv) -> (Tensor, Tensor)");
-  // Gradients (input, weight, bias, gate); an entry whose output_mask is false comes back
-  // as an empty tensor. An empty conv_out means: recompute it from input.
+      "int[2] padding, int[2] dilation, int groups, Tensor? mix_weight, Tensor? mix_bias, "
+      "bool save_conv) -> (Tensor, Tensor)");
+  // Gradients (input, weight, bias, gate, mix_weight, mix_bias); an entry whose output_mask
+  // is false comes back as an empty tensor. An empty conv_out means: recompute it from input.
   m.def(
       "gated_conv2d_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor? bias, "
       "Tensor gate, Tensor conv_out, int[2] stride, int[2] padding, int[2] dilation, "
-      "int groups, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int groups, Tensor? mix_weight, Tensor? mix_bias, bool[6] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // gated_conv2d with gate = mlp_gate(encoder_weights, encoder_biases, Ho, Wo, ...) evaluated
   // inside the op (and again in backward): nothing of the gate's size is saved.
   m.def(
       "mlp_gated_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor[] encoder_weights, "
       "Tensor[] encoder_biases, str hidden_activation, str gate_activation, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, bool save_conv) -> (Tensor, Tensor)");
-  // Gradients (input, weight, bias, encoder weights, encoder biases); output_mask entries are
-  // input, weight, bias, encoder.
+      "int[2] padding, int[2] dilation, int groups, Tensor? mix_weight, Tensor? mix_bias, "
+      "bool save_conv) -> (Tensor, Tensor)");
+  // Gradients (input, weight, bias, encoder weights, encoder biases, mix_weight, mix_bias);
+  // output_mask entries are input, weight, bias, encoder, mix_weight, mix_bias.
   m.def(
       "mlp_gated_conv2d_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor? bias, "
       "Tensor[] encoder_weights, Tensor[] encoder_biases, str hidden_activation, "
       "str gate_activation, Tensor conv_out, int[2] stride, int[2] padding, int[2] dilation, "
-      "int groups, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor[], Tensor[])");
+      "int groups, Tensor? mix_weight, Tensor? mix_bias, bool[6] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)");
 }
 
 namespace {

@@ -5,6 +5,12 @@
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
+#include <array>
+#include <functional>
+#include <optional>
+#include <tuple>
+#include <vector>
+
 #include "common/conv_geometry.h"
 #include "common/coordgate_math.h"
 
@@ -37,6 +43,44 @@ ConvGeometry conv_geometry(const at::Tensor& input, const at::Tensor& weight,
 // input is channels_last (and not also plain contiguous), contiguous otherwise. The fake
 // kernels in coordgate_ext/ops follow the same rule.
 at::MemoryFormat output_memory_format(const at::Tensor& input);
+
+// Validates the optional 1x1 mix of the gated ops: mix_weight (Cout, channels, 1, 1) and
+// mix_bias (Cout), in the input's dtype and on its device; a bias needs a weight.
+void check_mix_args(const std::optional<at::Tensor>& mix_weight,
+                    const std::optional<at::Tensor>& mix_bias, const at::Tensor& input,
+                    int64_t channels);
+
+// conv2d(gated, mix_weight, mix_bias) in gated's memory format: the mix where a backend does
+// not fuse it (ATen's GEMM, on any device).
+at::Tensor apply_mix(const at::Tensor& gated, const at::Tensor& mix_weight,
+                     const std::optional<at::Tensor>& mix_bias);
+
+// Backward of out = conv2d(gate * conv, mix_weight, mix_bias): the gradient of the gated
+// output and of the mix's weight and bias (undefined where not asked for). ATen ops only,
+// on any device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mix_backward(
+    const at::Tensor& grad_out, const at::Tensor& conv, const at::Tensor& gate,
+    const at::Tensor& mix_weight, bool need_gated, bool need_weight, bool need_bias);
+
+// gated_conv2d_backward for a backend whose kernels know no mix: the mix's part by
+// mix_backward, then core(grad of the gated output, conv_out, mask of input / weight / bias /
+// gate) for the rest. recompute_conv() gives the ungated convolution where conv_out is empty
+// and the mix's weight gradient needs it. Gradients not asked for come back empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_backward_with_mix(
+    const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& conv_out,
+    const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
+    std::array<bool, 6> output_mask,
+    const std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, std::array<bool, 4>)>& core,
+    const std::function<at::Tensor()>& recompute_conv);
+
+// The host-side description of an MLP encoder for kernels that evaluate the gate
+// themselves: parameters in the compute dtype, contiguous, on the kernel's device.
+struct EncoderSpec {
+  std::vector<at::Tensor> weight, bias;
+  Activation hidden, gate;
+};
 
 // float16 / bfloat16 are computed in float32; float32 and float64 in themselves.
 at::ScalarType compute_dtype(at::ScalarType dtype);

@@ -21,6 +21,8 @@ def _conv_args(**overrides):
         padding=[0, 0],
         dilation=[1, 1],
         groups=1,
+        mix_weight=None,
+        mix_bias=None,
         save_conv=False,
     )
     args.update(overrides)
@@ -43,6 +45,12 @@ OP_ERRORS = [
     (dict(dilation=[1, 0]), r"dilation must be positive"),
     (dict(padding=[-1, 0]), r"padding must be non-negative"),
     (dict(groups=0), r"groups must be positive"),
+    (dict(mix_weight=torch.randn(3, 5, 1, 1)), r"expected a mix_weight of shape \(Cout, 6, 1, 1\), got \[3, 5, 1, 1\]"),
+    (dict(mix_weight=torch.randn(3, 6, 3, 3)), r"expected a mix_weight of shape \(Cout, 6, 1, 1\)"),
+    (dict(mix_weight=torch.randn(3, 6, 1, 1), mix_bias=torch.randn(4)), r"expected a mix_bias of shape \(3\), got \[4\]"),
+    (dict(mix_bias=torch.randn(3)), r"a mix_bias was given without a mix_weight"),
+    (dict(mix_weight=torch.randn(3, 6, 1, 1, dtype=torch.float64)),
+     r"mix_weight and mix_bias must have the input's dtype \(Float\); got Double"),
 ]
 
 
@@ -57,10 +65,17 @@ def test_gated_conv2d_backward_shape_errors():
     del args["save_conv"]
     with pytest.raises(RuntimeError, match=r"expected grad_out of shape \[2, 6, 6, 6\]"):
         ops.gated_conv2d_backward(torch.randn(2, 6, 6, 5), conv_out=torch.empty(0),
-                                  output_mask=[True] * 4, **args)
+                                  output_mask=[True] * 4 + [False] * 2, **args)
     with pytest.raises(RuntimeError, match=r"expected conv_out of shape \[2, 6, 6, 6\] or empty"):
         ops.gated_conv2d_backward(torch.randn(2, 6, 6, 6), conv_out=torch.randn(2, 6, 6, 5),
-                                  output_mask=[True] * 4, **args)
+                                  output_mask=[True] * 4 + [False] * 2, **args)
+    with pytest.raises(RuntimeError, match=r"mix gradients asked for without a mix_weight"):
+        ops.gated_conv2d_backward(torch.randn(2, 6, 6, 6), conv_out=torch.empty(0),
+                                  output_mask=[True] * 6, **args)
+    args.update(mix_weight=torch.randn(3, 6, 1, 1))
+    with pytest.raises(RuntimeError, match=r"expected grad_out of shape \(N, 3, Ho, Wo\) \(the mix's output"):
+        ops.gated_conv2d_backward(torch.randn(2, 6, 6, 6), conv_out=torch.empty(0),
+                                  output_mask=[True] * 6, **args)
 
 
 MLP_ERRORS = [

@@ -245,21 +245,47 @@ def test_saved_tensors_default_and_recompute(backend):
     assert conv_shape not in saved_shapes(fused)
 
 
-def test_block_matches_reference(backend):
-    block = cg.FusedCoordGateBlock2d(3, 5, 2, 3, padding=1, dtype=torch.float64, backend=backend)
+@pytest.mark.parametrize("encoder", ["mlp", "map"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_block_matches_reference(backend, encoder, layout, recompute):
+    """The 1x1 mix inside the op (gated_conv2d for a map gate, mlp_gated_conv2d for an MLP):
+    output and every gradient, the mix's included, default and recomputing."""
+    options = dict(map_size=(3, 7)) if encoder == "map" else {}
+    block = cg.FusedCoordGateBlock2d(3, 5, 2, 3, padding=1, groups=1, dtype=torch.float64, backend=backend,
+                                     encoder=encoder, recompute=recompute, **options)
     _randomise(block)
-    x = _make_input((2, 3, 9, 7), "contiguous", torch.float64)
-    gate = reference.mlp_gate([l.weight for l in block.encoder.layers],
-                              [l.bias for l in block.encoder.layers], 9, 7, "relu", "relu")
-    expected = reference.gated_conv2d_mix(x, block.weight, block.bias, gate, (1, 1), (1, 1),
-                                          (1, 1), 1, block.mix_weight, block.mix_bias)
+    x = _make_input((2, 3, 9, 7), layout, torch.float64)
+    gate = copy.deepcopy(block).gate_map(9, 7)
+    ref = copy.deepcopy(block)
+    ref.backend = "reference"
+    expected = ref(x)
+    torch.testing.assert_close(
+        expected.detach(),
+        reference.gated_conv2d_mix(x, block.weight, block.bias, gate, (1, 1), (1, 1), (1, 1), 1,
+                                   block.mix_weight, block.mix_bias).detach())
     out = block(x)
     assert out.shape == (2, 2, 9, 7)
     assert_close(out, expected)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
     grad = torch.randn_like(out)
     for g1, g2 in zip(torch.autograd.grad(out, [x, *block.parameters()], grad),
-                      torch.autograd.grad(expected, [x, *block.parameters()], grad)):
+                      torch.autograd.grad(expected, [x, *ref.parameters()], grad)):
         assert_close(g1, g2)
+
+
+def test_block_gradcheck(backend):
+    block = cg.FusedCoordGateBlock2d(2, 4, 3, 3, padding=1, stride=2, groups=2, dtype=torch.float64,
+                                     backend=backend, encoder_hidden=4)
+    _randomise(block)
+    x = _make_input((2, 2, 5, 6), "contiguous", torch.float64)
+    params = list(block.parameters())
+
+    def f(x, *p):
+        return torch.func.functional_call(block, dict(zip([n for n, _ in block.named_parameters()], p)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
 
 
 @settings(max_examples=30, deadline=None, derandomize=True, database=None)

@@ -37,36 +37,51 @@ def _opcheck_cases():
                   (_t(4, 5, 7, grad=False), [t.detach() for t in w], [t.detach() for t in b], 5, 7,
                    "gelu", "silu")))
 
-    def conv_args(fmt, bias, save, dtype=torch.float64):
+    def conv_args(fmt, bias, save, dtype=torch.float64, mix=False):
         x = _t(2, 4, 9, 7, dtype=dtype, fmt=fmt)
         weight = _t(6, 2, 3, 3, dtype=dtype)
         gate = torch.rand(6, 5, 7, dtype=dtype, requires_grad=True)
-        return (x, weight, _t(6, dtype=dtype) if bias else None, gate, [2, 1], [1, 2], [1, 2], 2, save)
+        mix_args = (_t(3, 6, 1, 1, dtype=dtype), _t(3, dtype=dtype)) if mix else (None, None)
+        return (x, weight, _t(6, dtype=dtype) if bias else None, gate, [2, 1], [1, 2], [1, 2], 2, *mix_args,
+                save)
+
+    def mask_id(mask):
+        return "".join("1" if m else "0" for m in mask)
 
     cases.append(("gated_conv2d", "save", conv_args(torch.contiguous_format, True, True)))
     cases.append(("gated_conv2d", "no-save-no-bias", conv_args(torch.contiguous_format, False, False)))
     cases.append(("gated_conv2d", "channels-last", conv_args(torch.channels_last, True, True)))
     cases.append(("gated_conv2d", "float32", conv_args(torch.contiguous_format, True, True, torch.float32)))
-    for mask in ([True, True, True, True], [False, True, False, True], [True, False, False, False]):
-        x, weight, bias, gate, *geometry, _ = conv_args(torch.contiguous_format, True, True)
-        conv = torch.randn(2, 6, 5, 7, dtype=torch.float64)
-        for saved, label in ((conv, "saved"), (conv.new_empty((0,)), "recompute")):
-            cases.append(("gated_conv2d_backward", f"{label}-{''.join('1' if m else '0' for m in mask)}",
-                          (torch.randn(2, 6, 5, 7, dtype=torch.float64), x.detach(), weight.detach(),
-                           bias.detach(), gate.detach(), saved, *geometry, mask)))
+    cases.append(("gated_conv2d", "mix-save", conv_args(torch.contiguous_format, True, True, mix=True)))
+    cases.append(("gated_conv2d", "mix-channels-last", conv_args(torch.channels_last, False, False, mix=True)))
+    masks = ([True] * 4 + [False] * 2, [False, True, False, True, False, False], [True] + [False] * 5)
+    mix_masks = ([True] * 6, [False, False, False, False, True, True], [True, False, False, True, True, False])
+    conv = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    for mix, mask_list in ((False, masks), (True, mix_masks)):
+        x, weight, bias, gate, *geometry, mix_w, mix_b, _ = conv_args(torch.contiguous_format, True, True, mix=mix)
+        grad_out = torch.randn(2, 3 if mix else 6, 5, 7, dtype=torch.float64)
+        mix_args = (mix_w.detach(), mix_b.detach()) if mix else (None, None)
+        for mask in mask_list:
+            for saved, label in ((conv, "saved"), (conv.new_empty((0,)), "recompute")):
+                cases.append(("gated_conv2d_backward", f"{'mix-' if mix else ''}{label}-{mask_id(mask)}",
+                              (grad_out, x.detach(), weight.detach(), bias.detach(), gate.detach(), saved,
+                               *geometry, *mix_args, mask)))
     enc_w, enc_b = _mlp((2, 5, 6))
-    for fmt, bias, save in ((torch.contiguous_format, True, True), (torch.channels_last, False, False)):
-        x, weight, b, _, *geometry, _ = conv_args(fmt, bias, save)
-        label = f"{'cl' if fmt == torch.channels_last else 'nchw'}-{'save' if save else 'nosave'}"
+    for fmt, bias, save, mix in ((torch.contiguous_format, True, True, False),
+                                 (torch.channels_last, False, False, False),
+                                 (torch.contiguous_format, True, True, True)):
+        x, weight, b, _, *geometry, mix_w, mix_b, _ = conv_args(fmt, bias, save, mix=mix)
+        label = f"{'cl' if fmt == torch.channels_last else 'nchw'}-{'save' if save else 'nosave'}{'-mix' if mix else ''}"
         cases.append(("mlp_gated_conv2d", label,
-                      (x, weight, b, enc_w, enc_b, "tanh", "relu", *geometry, save)))
-    x, weight, b, _, *geometry, _ = conv_args(torch.contiguous_format, True, True)
+                      (x, weight, b, enc_w, enc_b, "tanh", "relu", *geometry, mix_w, mix_b, save)))
     detached = ([t.detach() for t in enc_w], [t.detach() for t in enc_b])
-    for mask in ([True, True, True, True], [False, False, False, True], [True, True, False, False]):
-        cases.append(("mlp_gated_conv2d_backward", "".join("1" if m else "0" for m in mask),
-                      (torch.randn(2, 6, 5, 7, dtype=torch.float64), x.detach(), weight.detach(), b.detach(),
-                       *detached, "silu", "sigmoid", torch.randn(2, 6, 5, 7, dtype=torch.float64),
-                       *geometry, mask)))
+    for mix, mask_list in ((False, masks), (True, mix_masks)):
+        x, weight, b, _, *geometry, mix_w, mix_b, _ = conv_args(torch.contiguous_format, True, True, mix=mix)
+        mix_args = (mix_w.detach(), mix_b.detach()) if mix else (None, None)
+        for mask in mask_list:
+            cases.append(("mlp_gated_conv2d_backward", f"{'mix-' if mix else ''}{mask_id(mask)}",
+                          (torch.randn(2, 3 if mix else 6, 5, 7, dtype=torch.float64), x.detach(), weight.detach(),
+                           b.detach(), *detached, "silu", "sigmoid", conv, *geometry, *mix_args, mask)))
     return cases
 
 

@@ -171,13 +171,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_gemm_backwar
   return {grad_input, grad_weight, grad_bias, grad_gate};
 }
 
+// The gated output in the compute dtype, mixed when a mix is given.
+at::Tensor mixed(const at::Tensor& gated, const std::optional<at::Tensor>& mix_weight,
+                 const std::optional<at::Tensor>& mix_bias, at::ScalarType cdtype) {
+  if (!mix_weight) return gated;
+  return apply_mix(gated, mix_weight->to(cdtype), cast_optional(mix_bias, cdtype));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& gate, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool save_conv) {
+    at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& mix_weight,
+    const std::optional<at::Tensor>& mix_bias, bool save_conv) {
   check_gated_conv2d_args(input, weight, bias, gate, stride, padding, dilation, groups);
+  check_mix_args(mix_weight, mix_bias, input, weight.size(0));
   // The kernels call ATen ops: keep them off the autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto dtype = input.scalar_type();
@@ -191,7 +200,8 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
     auto y = save_conv ? empty_cached(shape, cdtype, fmt) : at::Tensor();
     implicit_gemm_forward(geo, input.to(cdtype), weight.to(cdtype), cast_optional(bias, cdtype),
                           gate.to(cdtype), nullptr, out, save_conv ? &y : nullptr);
-    return {out.to(dtype), save_conv ? y.to(dtype) : at::empty({0}, input.options())};
+    return {mixed(out, mix_weight, mix_bias, cdtype).to(dtype),
+            save_conv ? y.to(dtype) : at::empty({0}, input.options())};
   }
   const auto y = conv_forward(input.to(cdtype), weight.to(cdtype), cast_optional(bias, cdtype),
                               stride, padding, dilation, groups, fmt);
@@ -204,10 +214,13 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
                                    out.data_ptr<scalar_t>(), N, C, P, channels_last);
   });
   auto conv_out = save_conv ? y.to(dtype) : at::empty({0}, input.options());
-  return {out.to(dtype), conv_out};
+  return {mixed(out, mix_weight, mix_bias, cdtype).to(dtype), conv_out};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_conv2d_backward_cpu(
+namespace {
+
+// gated_conv2d_backward without a mix: grad_out is the gated output's gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& gate, const at::Tensor& conv_out,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -285,6 +298,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_conv2d_backward
     grad_gate = dg.to(dtype).contiguous();
   }
   return {grad_input, grad_weight, grad_bias, grad_gate};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_conv2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& gate, const at::Tensor& conv_out,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups,
+                          const std::optional<at::Tensor>& mix_weight,
+                          const std::optional<at::Tensor>& mix_bias,
+                          std::array<bool, 6> output_mask) {
+  check_gated_conv2d_args(input, weight, bias, gate, stride, padding, dilation, groups);
+  check_mix_args(mix_weight, mix_bias, input, weight.size(0));
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return gated_backward_with_mix(
+      grad_out, gate, conv_out, mix_weight, mix_bias, output_mask,
+      [&](const at::Tensor& grad_gated, const at::Tensor& conv, std::array<bool, 4> mask) {
+        return gated_backward(grad_gated, input, weight, bias, gate, conv, stride, padding,
+                              dilation, groups, mask);
+      },
+      [&] {
+        return std::get<1>(gated_conv2d_cpu(input, weight, bias, gate, stride, padding,
+                                            dilation, groups, std::nullopt, std::nullopt, true));
+      });
 }
 
 TORCH_LIBRARY_IMPL(coordgate_ext, CPU, m) {

@@ -10,6 +10,7 @@
 
 #include "../common/conv_geometry.h"
 #include "../common/coordgate_math.h"
+#include "../ops.h"
 
 namespace coordgate {
 
@@ -22,13 +23,6 @@ enum class CpuEngine : int { kAuto = 0, kAten = 1, kImplicitGemm = 2 };
 void set_cpu_engine(CpuEngine engine);
 CpuEngine cpu_engine();
 bool use_implicit_gemm(at::ScalarType compute_dtype);
-
-// The MLP encoder for the implicit GEMM's per-tile gate: parameters in the compute dtype,
-// contiguous.
-struct EncoderSpec {
-  std::vector<at::Tensor> weight, bias;
-  Activation hidden, gate;
-};
 
 // Where the implicit GEMM's backward writes; an undefined tensor is a gradient not asked
 // for. input: like the input (zero padding needs no initialisation: every element is
@@ -64,12 +58,17 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_gate_backward_c
 std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& gate, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool save_conv);
+    at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& mix_weight,
+    const std::optional<at::Tensor>& mix_bias, bool save_conv);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_conv2d_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& gate, const at::Tensor& conv_out,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 4> output_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_conv2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& gate, const at::Tensor& conv_out,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups,
+                          const std::optional<at::Tensor>& mix_weight,
+                          const std::optional<at::Tensor>& mix_bias,
+                          std::array<bool, 6> output_mask);
 
 }  // namespace coordgate

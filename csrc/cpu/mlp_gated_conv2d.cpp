@@ -17,6 +17,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
     at::TensorList encoder_weights, at::TensorList encoder_biases,
     c10::string_view hidden_activation, c10::string_view gate_activation,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
     bool save_conv) {
   TORCH_CHECK(input.dim() == 4, "mlp_gated_conv2d: expected a 4-D input (N, Cin, H, W), got ",
               input.dim(), "-D");
@@ -38,6 +39,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
                             at::empty({1, 1, 1}, input.options())
                                 .expand({weight.size(0), out_h, out_w}),
                             stride, padding, dilation, groups);
+    check_mix_args(mix_weight, mix_bias, input, weight.size(0));
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     EncoderSpec enc{{}, {}, parse_activation(hidden_activation),
                     parse_activation(gate_activation)};
@@ -54,30 +56,37 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
     implicit_gemm_forward(geo, input.to(cdtype), weight.to(cdtype), b, at::Tensor(), &enc, out,
                           save_conv ? &y : nullptr);
     const auto dtype = input.scalar_type();
+    if (mix_weight) {
+      out = apply_mix(out, mix_weight->to(cdtype),
+                      mix_bias ? std::optional<at::Tensor>(mix_bias->to(cdtype)) : std::nullopt);
+    }
     return {out.to(dtype), save_conv ? y.to(dtype) : at::empty({0}, input.options())};
   }
   const auto gate = mlp_gate_cpu(encoder_weights, encoder_biases, out_h, out_w,
                                  hidden_activation, gate_activation);
   return gated_conv2d_cpu(input, weight, bias, gate.to(input.scalar_type()), stride, padding,
-                          dilation, groups, save_conv);
+                          dilation, groups, mix_weight, mix_bias, save_conv);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           at::Tensor, at::Tensor>
 mlp_gated_conv2d_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::TensorList encoder_weights,
     at::TensorList encoder_biases, c10::string_view hidden_activation,
     c10::string_view gate_activation, const at::Tensor& conv_out, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 4> output_mask) {
+    const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
+    std::array<bool, 6> output_mask) {
   TORCH_CHECK(grad_out.dim() == 4, "mlp_gated_conv2d_backward: expected a 4-D grad_out, got ",
               grad_out.dim(), "-D");
   const int64_t out_h = grad_out.size(2), out_w = grad_out.size(3);
   const auto gate = mlp_gate_cpu(encoder_weights, encoder_biases, out_h, out_w,
                                  hidden_activation, gate_activation);
-  auto [grad_input, grad_weight, grad_bias, grad_gate] = gated_conv2d_backward_cpu(
-      grad_out, input, weight, bias, gate.to(input.scalar_type()), conv_out, stride, padding,
-      dilation, groups, output_mask);
+  auto [grad_input, grad_weight, grad_bias, grad_gate, grad_mix_w, grad_mix_b] =
+      gated_conv2d_backward_cpu(grad_out, input, weight, bias, gate.to(input.scalar_type()),
+                                conv_out, stride, padding, dilation, groups, mix_weight,
+                                mix_bias, output_mask);
   std::vector<at::Tensor> grad_enc_w, grad_enc_b;
   if (output_mask[3]) {
     std::tie(grad_enc_w, grad_enc_b) =
@@ -90,7 +99,7 @@ mlp_gated_conv2d_backward_cpu(
       grad_enc_b.push_back(at::empty({0}, encoder_biases[l].options()));
     }
   }
-  return {grad_input, grad_weight, grad_bias, grad_enc_w, grad_enc_b};
+  return {grad_input, grad_weight, grad_bias, grad_enc_w, grad_enc_b, grad_mix_w, grad_mix_b};
 }
 
 }  // namespace
