@@ -34,9 +34,11 @@ demo: build
 bench: build
 	$(PY) -m pytest benchmarks -q
 
-# The Triton kernels' static GPU table (registers, shared memory, spills, MMA instructions).
+# The static GPU tables of the Triton kernels (registers, shared memory, spills, MMA
+# instructions) and of the CUDA C++ kernels (registers, shared and local memory).
 static-report: build
 	$(PY) scripts/triton_static_report.py > docs/triton_static_report.md
+	$(PY) scripts/cuda_static_report.py > docs/cuda_static_report.md
 
 clean:
 	rm -rf build coordgate_ext/*.so

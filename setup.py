@@ -1,9 +1,5 @@
-"""Builds coordgate_ext._C: the C++ CPU kernels always, the CUDA kernels when they can be built.
-
-COORDGATE_CUDA=1 forces the CUDA part on (and fails if it cannot be built), COORDGATE_CUDA=0
-forces it off; unset, it is built when csrc/cuda holds sources, torch is a CUDA build and a
-CUDA toolkit is found. A GPU is not needed to build.
-"""
+"""Builds coordgate_ext._C: the C++ CPU kernels always, the CUDA kernels when they can be built
+(build_config.py decides and says why)."""
 
 import glob
 import os
@@ -14,49 +10,16 @@ from setuptools import find_packages, setup
 import torch
 from torch.utils import cpp_extension
 
+import build_config
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _toolkit_root():
-    """A CUDA toolkit folder holding nvcc and libcudart, or None.
-
-    torch.utils.cpp_extension guesses CUDA_HOME from the nvcc on PATH; where that nvcc is a
-    wrapper outside the toolkit the guess lacks the runtime library, so look for it.
-    """
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for root in filter(None, candidates):
-        has_nvcc = os.path.exists(os.path.join(root, "bin", "nvcc"))
-        has_cudart = any(
-            os.path.exists(os.path.join(root, lib, "libcudart.so")) for lib in ("lib64", "lib")
-        )
-        if has_nvcc and has_cudart:
-            return root
-    return None
-
-
-def _cuda_plan():
-    """(build_cuda, reason)."""
-    forced = os.environ.get("COORDGATE_CUDA", "").strip().lower()
-    sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
-    if forced in ("0", "off", "false", "no"):
-        return False, "COORDGATE_CUDA=0"
-    reasons = []
-    if not sources:
-        reasons.append("csrc/cuda holds no CUDA sources yet")
-    if torch.version.cuda is None:
-        reasons.append("torch is not a CUDA build")
-    if _toolkit_root() is None:
-        reasons.append("no CUDA toolkit (nvcc and libcudart) found")
-    if reasons:
-        if forced in ("1", "on", "true", "yes"):
-            sys.exit("COORDGATE_CUDA=1 but the CUDA part cannot be built: " + "; ".join(reasons))
-        return False, "; ".join(reasons)
-    return True, "toolkit at " + _toolkit_root()
-
-
 def _extension():
-    build_cuda, reason = _cuda_plan()
+    try:
+        build_cuda, reason = build_config.cuda_plan()
+    except build_config.BuildConfigError as exc:
+        sys.exit(str(exc))
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(
         os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
     )
@@ -69,7 +32,7 @@ def _extension():
         return cpp_extension.CppExtension(
             "coordgate_ext._C", sources, extra_compile_args={"cxx": cxx_flags}
         )
-    root = _toolkit_root()
+    root = build_config.toolkit_root()
     os.environ["CUDA_HOME"] = root
     cpp_extension.CUDA_HOME = root
     cu_sources = sorted(
@@ -78,7 +41,7 @@ def _extension():
     include_dirs = glob.glob(
         os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include")
     )
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    arch = build_config.arch_list()
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     print(f"coordgate_ext build: CUDA kernels: yes ({reason}; TORCH_CUDA_ARCH_LIST={arch})")
     return cpp_extension.CUDAExtension(

@@ -15,12 +15,22 @@ from coordgate_ext import reference
 from conftest import assert_close, assert_low_precision
 
 # backend-engine: the C++ CPU kernels with each of their convolution engines (ATen's, and
-# the implicit GEMM that runs the CUDA kernels' per-element maths from csrc/common).
-FUSED_BACKENDS = ["cpu-aten", "cpu-implicit_gemm"]
+# the implicit GEMM that runs the CUDA kernels' per-element maths from csrc/common), and the
+# CUDA kernels on CUDA tensors where a GPU is present.
+FUSED_BACKENDS = [
+    "cpu-aten",
+    "cpu-implicit_gemm",
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available() or cg.available_backends()["cuda"] is not None,
+        reason=f"CUDA backend not available: {cg.available_backends()['cuda']}")),
+]
 
 
 @pytest.fixture(params=FUSED_BACKENDS)
 def backend(request):
+    if request.param == "cuda":
+        yield "cuda"
+        return
     name, engine = request.param.split("-", 1)
     previous = cg.cpu_engine()
     cg.set_cpu_engine(engine)
@@ -28,6 +38,11 @@ def backend(request):
         yield name
     finally:
         cg.set_cpu_engine(previous)
+
+
+def _device(backend: str) -> str:
+    """The device whose tensors a backend runs."""
+    return "cuda" if backend in ("cuda", "triton") else "cpu"
 
 
 # (N, Cin, C, H, W, kernel, stride, padding, dilation, groups, bias, padding_mode)
@@ -68,13 +83,13 @@ ENCODERS = [
 ]
 
 
-def _make_input(shape, layout, dtype, requires_grad=True):
+def _make_input(shape, layout, dtype, requires_grad=True, device="cpu"):
     n, c, h, w = shape
     if layout == "sliced":
-        x = torch.randn(n, c + 2, h + 3, 2 * w, dtype=dtype)[:, 1 : c + 1, 2 : h + 2, ::2]
+        x = torch.randn(n, c + 2, h + 3, 2 * w, dtype=dtype, device=device)[:, 1 : c + 1, 2 : h + 2, ::2]
         assert n == 0 or not x.is_contiguous()
     else:
-        x = torch.randn(n, c, h, w, dtype=dtype)
+        x = torch.randn(n, c, h, w, dtype=dtype, device=device)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
     return x.detach().requires_grad_(requires_grad)
@@ -97,7 +112,7 @@ def _twins(backend, dtype, in_ch, out_ch, kernel, stride, padding, dilation, gro
         options.update(map_size=map_size)
     fused = cg.FusedCoordGateConv2d(
         in_ch, out_ch, kernel, stride, padding, dilation, groups, bias, padding_mode,
-        dtype=dtype, backend=backend, **options,
+        device=_device(backend), dtype=dtype, backend=backend, **options,
     )
     _randomise(fused)
     ref = copy.deepcopy(fused)
@@ -131,7 +146,7 @@ def test_geometry_matches_reference(backend, layout, geometry):
     dtype = torch.float64
     fused, ref = _twins(backend, dtype, cin, c, kernel, stride, padding, dilation, groups, bias,
                         padding_mode)
-    x = _make_input((n, cin, h, w), layout, dtype)
+    x = _make_input((n, cin, h, w), layout, dtype, device=_device(backend))
     _check_layer(fused, ref, x, dtype)
 
 
@@ -142,14 +157,14 @@ def test_encoder_matches_reference(backend, encoder):
     out_ch = 9 if kind == "bilinear" else 4
     fused, ref = _twins(backend, dtype, 3, out_ch, 3, 1, 1, 1, 1, True, "zeros", encoder)
     for size in [(9, 12), (7, 10)]:  # a multiple of the map sizes, and not
-        x = _make_input((2, 3, *size), "contiguous", dtype)
+        x = _make_input((2, 3, *size), "contiguous", dtype, device=_device(backend))
         _check_layer(fused, ref, x, dtype)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_float32_matches_reference(backend, layout):
     fused, ref = _twins(backend, torch.float32, 8, 16, 3, 1, 1, 1, 1, True, "zeros")
-    x = _make_input((2, 8, 21, 17), layout, torch.float32)
+    x = _make_input((2, 8, 21, 17), layout, torch.float32, device=_device(backend))
     _check_layer(fused, ref, x, torch.float32)
 
 
@@ -158,7 +173,7 @@ def test_low_precision(backend, dtype):
     """The flash-attention rule against the float64 reference, forward and input gradient."""
     fused, ref = _twins(backend, dtype, 4, 8, 3, 1, 1, 1, 1, True, "zeros")
     exact = copy.deepcopy(ref).double()
-    x = _make_input((2, 4, 13, 11), "contiguous", dtype)
+    x = _make_input((2, 4, 13, 11), "contiguous", dtype, device=_device(backend))
     x64 = x.detach().double().requires_grad_()
     out, out_ref, out_exact = fused(x), ref(x), exact(x64)
     assert out.dtype == dtype
@@ -173,8 +188,9 @@ def test_low_precision(backend, dtype):
 
 def test_autocast_follows_context_dtype(backend):
     fused, ref = _twins(backend, torch.float32, 4, 8, 3, 1, 1, 1, 1, True, "zeros")
-    x = torch.randn(2, 4, 11, 9)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    device = _device(backend)
+    x = torch.randn(2, 4, 11, 9, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = fused(x)
         out_ref = ref(x)
     assert out.dtype == torch.bfloat16
@@ -184,10 +200,11 @@ def test_autocast_follows_context_dtype(backend):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gradcheck_op(backend, layout):
     """float64 gradcheck of the functional op, every differentiable input."""
-    x = _make_input((2, 4, 7, 6), layout, torch.float64)
-    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    gate = torch.rand(6, 4, 4, dtype=torch.float64, requires_grad=True)
+    x = _make_input((2, 4, 7, 6), layout, torch.float64, device=_device(backend))
+    options = dict(dtype=torch.float64, device=_device(backend), requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, **options)
+    b = torch.randn(6, **options)
+    gate = torch.rand(6, 4, 4, **options)
 
     def f(x, w, b, gate):
         return cg.coordgate_conv2d(x, w, b, gate, stride=(2, 1), padding=1, dilation=(1, 2),
@@ -206,7 +223,7 @@ def test_gradcheck_layer(backend, recompute, encoder):
     layer.recompute = recompute
     names = [n for n, _ in layer.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
-    x = _make_input((2, 2, 6, 5), "contiguous", torch.float64)
+    x = _make_input((2, 2, 6, 5), "contiguous", torch.float64, device=_device(backend))
 
     def f(x, *ps):
         return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
@@ -218,7 +235,7 @@ def test_recompute_matches_saved(backend):
     fused, _ = _twins(backend, torch.float64, 3, 4, 3, 1, 1, 1, 1, True, "zeros")
     recomputing = copy.deepcopy(fused)
     recomputing.recompute = True
-    x = _make_input((2, 3, 9, 8), "contiguous", torch.float64)
+    x = _make_input((2, 3, 9, 8), "contiguous", torch.float64, device=_device(backend))
     a, b = fused(x), recomputing(x)
     assert_close(a, b)
     grad = torch.randn_like(a)
@@ -230,7 +247,7 @@ def test_recompute_matches_saved(backend):
 def test_saved_tensors_default_and_recompute(backend):
     """Backward keeps the ungated convolution by default and only the input with recompute."""
     fused, _ = _twins(backend, torch.float32, 3, 4, 3, 1, 1, 1, 1, True, "zeros")
-    x = torch.randn(2, 3, 9, 8, requires_grad=True)
+    x = torch.randn(2, 3, 9, 8, device=_device(backend), requires_grad=True)
     conv_shape = (2, 4, 9, 8)
 
     def saved_shapes(layer):
@@ -252,10 +269,11 @@ def test_block_matches_reference(backend, encoder, layout, recompute):
     """The 1x1 mix inside the op (gated_conv2d for a map gate, mlp_gated_conv2d for an MLP):
     output and every gradient, the mix's included, default and recomputing."""
     options = dict(map_size=(3, 7)) if encoder == "map" else {}
-    block = cg.FusedCoordGateBlock2d(3, 5, 2, 3, padding=1, groups=1, dtype=torch.float64, backend=backend,
+    block = cg.FusedCoordGateBlock2d(3, 5, 2, 3, padding=1, groups=1, dtype=torch.float64,
+                                     device=_device(backend), backend=backend,
                                      encoder=encoder, recompute=recompute, **options)
     _randomise(block)
-    x = _make_input((2, 3, 9, 7), layout, torch.float64)
+    x = _make_input((2, 3, 9, 7), layout, torch.float64, device=_device(backend))
     gate = copy.deepcopy(block).gate_map(9, 7)
     ref = copy.deepcopy(block)
     ref.backend = "reference"
@@ -277,9 +295,9 @@ def test_block_matches_reference(backend, encoder, layout, recompute):
 
 def test_block_gradcheck(backend):
     block = cg.FusedCoordGateBlock2d(2, 4, 3, 3, padding=1, stride=2, groups=2, dtype=torch.float64,
-                                     backend=backend, encoder_hidden=4)
+                                     device=_device(backend), backend=backend, encoder_hidden=4)
     _randomise(block)
-    x = _make_input((2, 2, 5, 6), "contiguous", torch.float64)
+    x = _make_input((2, 2, 5, 6), "contiguous", torch.float64, device=_device(backend))
     params = list(block.parameters())
 
     def f(x, *p):

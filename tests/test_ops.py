@@ -90,8 +90,17 @@ CASES = _opcheck_cases()
 
 @pytest.mark.parametrize("op_name,args", [(c[0], c[2]) for c in CASES],
                          ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_opcheck(op_name, args):
-    torch.library.opcheck(getattr(ops, op_name).default, args)
+def test_opcheck(op_name, args, device):
+    """On the CPU kernels, and on the CUDA kernels where a GPU is present."""
+    torch.library.opcheck(getattr(ops, op_name).default, _to_device(args, device))
+
+
+def _to_device(args, device):
+    if isinstance(args, torch.Tensor):
+        return args.detach().to(device).requires_grad_(args.requires_grad)
+    if isinstance(args, (list, tuple)):
+        return type(args)(_to_device(a, device) for a in args)
+    return args
 
 
 def test_every_op_has_an_opcheck_case():
@@ -121,14 +130,15 @@ def _compiled_matches_eager(module, x):
         assert_close(p.grad, q.grad)
 
 
-def test_compile_layer_fullgraph():
+def test_compile_layer_fullgraph(device):
     torch._dynamo.reset()
-    layer = cg.FusedCoordGateConv2d(3, 4, 3, padding="same", padding_mode="reflect", backend="cpu")
-    _compiled_matches_eager(layer, torch.randn(2, 3, 10, 9))
+    layer = cg.FusedCoordGateConv2d(3, 4, 3, padding="same", padding_mode="reflect", device=device,
+                                    backend=device)
+    _compiled_matches_eager(layer, torch.randn(2, 3, 10, 9, device=device))
 
 
-def test_compile_block_fullgraph():
+def test_compile_block_fullgraph(device):
     torch._dynamo.reset()
-    block = cg.FusedCoordGateBlock2d(3, 5, 2, 3, stride=2, padding=1, backend="cpu",
+    block = cg.FusedCoordGateBlock2d(3, 5, 2, 3, stride=2, padding=1, device=device, backend=device,
                                      hidden_activation="tanh", recompute=True)
-    _compiled_matches_eager(block, torch.randn(2, 3, 11, 8))
+    _compiled_matches_eager(block, torch.randn(2, 3, 11, 8, device=device))

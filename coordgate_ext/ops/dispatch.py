@@ -52,8 +52,9 @@ def _unavailable_reason(backend: str) -> str | None:
             return _library.LOAD_ERROR
         if not _library.has_kernel("gated_conv2d", "CUDA"):
             return (
-                "coordgate_ext._C was built without CUDA kernels (csrc/cuda holds none in this "
-                "version, or COORDGATE_CUDA=0 was set); use backend='reference' on CUDA tensors"
+                "coordgate_ext._C was built without CUDA kernels (no CUDA toolkit or no CUDA build "
+                "of torch at build time, or COORDGATE_CUDA=0); rebuild with a toolkit (`make build`) "
+                "or use backend='triton' or 'reference' on CUDA tensors"
             )
         if not torch.cuda.is_available():
             return "no CUDA device is visible to torch"

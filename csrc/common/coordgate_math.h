@@ -178,10 +178,18 @@ struct EncoderParams {
   Activation hidden, gate;
 };
 
+// Which of encoder_hidden's two buffers ends up holding the last hidden activations
+// (nullptr for a one-layer encoder): layer 0 writes a, each further hidden layer swaps.
+template <typename T>
+C10_HOST_DEVICE inline T* encoder_hidden_result(int layers, T* a, T* b) {
+  if (layers == 1) return nullptr;
+  return (layers - 2) % 2 == 0 ? a : b;
+}
+
 // Runs every layer but the last at coordinates (r, q), ping-ponging between the buffers a
-// and b (feature f at [f * stride], each at least max(width) long), and returns the one
-// that holds the last hidden activations; nullptr for a one-layer encoder, whose last
-// layer reads the coordinates.
+// and b (feature f at [f * stride], each at least max(width) long), and returns
+// encoder_hidden_result(layers, a, b); threads that share the buffers column by column
+// can ask encoder_hidden_result instead.
 template <typename T, typename W>
 C10_HOST_DEVICE inline T* encoder_hidden(const EncoderParams<W>& e, T r, T q, T* a, T* b,
                                          int64_t stride) {
@@ -202,7 +210,7 @@ C10_HOST_DEVICE inline T* encoder_hidden(const EncoderParams<W>& e, T r, T q, T*
     in = out;
     out = t;
   }
-  return in;
+  return encoder_hidden_result(e.layers, a, b);
 }
 
 // The gate of channel c at coordinates (r, q): psi of the last layer applied to the hidden
