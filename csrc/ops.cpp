@@ -110,6 +110,21 @@ std::pair<int64_t, int64_t> check_gated_conv2d_args(
 std::pair<int64_t, int64_t> conv_output_grid(const at::Tensor& input, const at::Tensor& weight,
                                              at::IntArrayRef stride, at::IntArrayRef padding,
                                              at::IntArrayRef dilation) {
+  // Checked here too: callers may ask for the grid before the full argument checks.
+  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4,
+              "gated_conv2d: expected a 4-D input and a 4-D weight, got ", input.dim(), "-D and ",
+              weight.dim(), "-D");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "gated_conv2d: stride, padding and dilation must have two entries each");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "gated_conv2d: stride must be positive, got ",
+              stride);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0,
+              "gated_conv2d: dilation must be positive, got ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0,
+              "gated_conv2d: padding must be non-negative, got ", padding);
+  TORCH_CHECK(weight.size(2) > 0 && weight.size(3) > 0,
+              "gated_conv2d: expected a non-empty kernel, got ", weight.size(2), "x",
+              weight.size(3));
   const int64_t out_h = conv_out_size(input.size(2), weight.size(2), stride[0], padding[0],
                                       dilation[0]);
   const int64_t out_w = conv_out_size(input.size(3), weight.size(3), stride[1], padding[1],

@@ -188,3 +188,35 @@ def test_op_errors_under_each_cpu_engine(engine, overrides, message):
             ops.gated_conv2d(**_conv_args(**overrides))
     finally:
         cg.set_cpu_engine(previous)
+
+
+def _mlp_conv_args(**overrides):
+    args = _conv_args(**overrides)
+    del args["gate"]
+    args.update(encoder_weights=[torch.randn(5, 2), torch.randn(6, 5)], encoder_biases=[torch.randn(5), torch.randn(6)],
+                hidden_activation="relu", gate_activation="sigmoid")
+    return args
+
+
+MLP_CONV_ERRORS = [
+    (dict(stride=[0, 1]), r"stride must be positive"),
+    (dict(dilation=[1, 0]), r"dilation must be positive"),
+    (dict(padding=[0, -1]), r"padding must be non-negative"),
+    (dict(groups=0), r"groups must be positive"),
+    (dict(weight=torch.randn(6, 4, 0, 3)), r"expected a non-empty kernel, got 0x3"),
+    (dict(input=torch.randn(2, 5, 8, 8)), r"expected input with 4 channels .* got 5"),
+    (dict(mix_bias=torch.randn(3)), r"a mix_bias was given without a mix_weight"),
+]
+
+
+@pytest.mark.parametrize("engine", ["aten", "implicit_gemm"])
+@pytest.mark.parametrize("overrides,message", MLP_CONV_ERRORS, ids=[m for _, m in MLP_CONV_ERRORS])
+def test_mlp_gated_conv2d_op_errors(engine, overrides, message):
+    """Raised, not crashed on (a zero stride used to divide before any check)."""
+    previous = cg.cpu_engine()
+    cg.set_cpu_engine(engine)
+    try:
+        with pytest.raises(RuntimeError, match=message):
+            ops.mlp_gated_conv2d(**_mlp_conv_args(**overrides))
+    finally:
+        cg.set_cpu_engine(previous)

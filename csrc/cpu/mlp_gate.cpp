@@ -11,6 +11,9 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <utility>
 #include <vector>
 
 #include "../ops.h"
@@ -98,8 +101,219 @@ struct Tile {
   }
 };
 
+// Two-layer encoders with a piecewise-linear hidden activation (relu, or none: the first
+// author's encoder). Along row i of the grid, hidden unit e's pre-activation
+// u_e + v_e q (u_e = W1[e, 0] r_i + b1[e], v_e = W1[e, 1]) is monotone in q, so the unit is
+// active on one contiguous range of columns [lo_e, hi_e) (every column without a hidden
+// activation). Between the ranges' ends the gate's pre-activation is affine in q:
+//   z[c] = b2[c] + sum_{e active} W2[c, e] u_e + q sum_{e active} W2[c, e] v_e,
+// so a row costs O(C W + E C) instead of the GEMM's O(E C W). Backward sums dz and dz * q
+// over the same ranges with prefix sums. Sums over units and pixels are kept in double.
+bool piecewise_linear(const Mlp& m) {
+  return m.layers() == 2 && (m.hidden == Activation::kRelu || m.hidden == Activation::kNone);
+}
+
+// Rows per work item of the piecewise-linear kernels; gradient partial sums are kept per
+// item and added in item order, so the result does not depend on the number of threads.
+constexpr int64_t kRowBlock = 4;
+
+// Row i's units: u, v and the active column range [lo, hi) of each.
+template <typename T>
+struct RowUnits {
+  std::vector<double> u, v;
+  std::vector<int64_t> lo, hi;
+
+  explicit RowUnits(int64_t units) : u(units), v(units), lo(units), hi(units) {}
+
+  void compute(const Mlp& m, T r, const T* q, int64_t width) {
+    const T* w1 = m.weight[0].data_ptr<T>();
+    const T* b1 = m.bias[0].data_ptr<T>();
+    for (int64_t e = 0; e < static_cast<int64_t>(u.size()); ++e) {
+      u[e] = static_cast<double>(w1[2 * e] * r + b1[e]);
+      v[e] = static_cast<double>(w1[2 * e + 1]);
+      if (m.hidden == Activation::kNone) {
+        lo[e] = 0;
+        hi[e] = width;
+        continue;
+      }
+      // The same pre-activation the per-pixel path computes; monotone in q, so a bisection
+      // finds the one column where the unit switches.
+      auto active = [&](int64_t j) { return encoder_input_unit<T>(w1, b1, e, r, q[j]) > T(0); };
+      const bool first = active(0);
+      if (first == active(width - 1)) {
+        lo[e] = 0;
+        hi[e] = first ? width : 0;
+        continue;
+      }
+      int64_t a = 0, b = width - 1;  // active(a) == first != active(b)
+      while (b - a > 1) {
+        const int64_t mid = (a + b) / 2;
+        (active(mid) == first ? a : b) = mid;
+      }
+      lo[e] = first ? 0 : b;
+      hi[e] = first ? b : width;
+    }
+  }
+
+  // Calls segment(s, t) for the maximal column ranges over which no unit switches, with
+  // S0 = b2 + sum_active W2 u and S1 = sum_active W2 v (C values each) set for the range.
+  template <typename F>
+  void for_each_segment(const Mlp& m, int64_t width, std::vector<double>& s0,
+                        std::vector<double>& s1, std::vector<std::pair<int64_t, int64_t>>& events,
+                        F&& segment) const {
+    const T* w2 = m.weight[1].data_ptr<T>();
+    const T* b2 = m.bias[1].data_ptr<T>();
+    const int64_t units = static_cast<int64_t>(u.size());
+    const int64_t channels = m.weight[1].size(0);
+    events.clear();
+    for (int64_t e = 0; e < units; ++e) {
+      if (lo[e] >= hi[e]) continue;
+      events.emplace_back(lo[e], e + 1);  // + (e + 1): switches on
+      if (hi[e] < width) events.emplace_back(hi[e], -(e + 1));
+    }
+    std::sort(events.begin(), events.end());
+    for (int64_t c = 0; c < channels; ++c) {
+      s0[c] = static_cast<double>(b2[c]);
+      s1[c] = 0.0;
+    }
+    size_t k = 0;
+    int64_t start = 0;
+    while (start < width) {
+      for (; k < events.size() && events[k].first == start; ++k) {
+        const int64_t e = std::abs(events[k].second) - 1;
+        const double sign = events[k].second > 0 ? 1.0 : -1.0;
+        for (int64_t c = 0; c < channels; ++c) {
+          const double w = static_cast<double>(w2[c * units + e]);
+          s0[c] += sign * w * u[e];
+          s1[c] += sign * w * v[e];
+        }
+      }
+      const int64_t end = k < events.size() ? events[k].first : width;
+      segment(start, end);
+      start = end;
+    }
+  }
+};
+
+template <typename T>
+void piecewise_linear_gate_kernel(const Mlp& m, int64_t height, int64_t width, T* gate) {
+  const int64_t units = m.weight[0].size(0), channels = m.weight[1].size(0);
+  const int64_t pixels = height * width;
+  std::vector<T> q(width);
+  for (int64_t j = 0; j < width; ++j) q[j] = grid_coordinate<T>(j, width);
+  with_activation(m.gate, [&](auto A) {
+    at::parallel_for(0, height, 1, [&](int64_t begin, int64_t end) {
+      RowUnits<T> row(units);
+      std::vector<double> s0(channels), s1(channels);
+      std::vector<std::pair<int64_t, int64_t>> events;
+      for (int64_t i = begin; i < end; ++i) {
+        row.compute(m, grid_coordinate<T>(i, height), q.data(), width);
+        row.for_each_segment(m, width, s0, s1, events, [&](int64_t s, int64_t t) {
+          for (int64_t c = 0; c < channels; ++c) {
+            T* out = gate + c * pixels + i * width;
+            for (int64_t j = s; j < t; ++j) {
+              out[j] = activate<decltype(A)::value>(
+                  static_cast<T>(s0[c] + s1[c] * static_cast<double>(q[j])));
+            }
+          }
+        });
+      }
+    });
+  });
+}
+
+template <typename T>
+void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t width,
+                                      const T* grad_gate, std::vector<at::Tensor>& grad_w,
+                                      std::vector<at::Tensor>& grad_b) {
+  const int64_t units = m.weight[0].size(0), channels = m.weight[1].size(0);
+  const int64_t pixels = height * width;
+  const int64_t blocks = (height + kRowBlock - 1) / kRowBlock;
+  const T* w2 = m.weight[1].data_ptr<T>();
+  std::vector<T> q(width);
+  for (int64_t j = 0; j < width; ++j) q[j] = grid_coordinate<T>(j, width);
+  // Per block: dW1 (E, 2), db1 (E), dW2 (C, E), db2 (C).
+  const int64_t part_size = 3 * units + channels * units + channels;
+  std::vector<double> parts(blocks * part_size, 0.0);
+  with_activation(m.gate, [&](auto A) {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      RowUnits<T> row(units);
+      std::vector<double> s0(channels), s1(channels), d0(channels), d1(channels);
+      std::vector<double> p0(channels * (width + 1)), p1(channels * (width + 1));
+      std::vector<std::pair<int64_t, int64_t>> events;
+      for (int64_t block = begin; block < end; ++block) {
+        double* gw1 = parts.data() + block * part_size;
+        double* gb1 = gw1 + 2 * units;
+        double* gw2 = gb1 + units;
+        double* gb2 = gw2 + channels * units;
+        for (int64_t i = block * kRowBlock; i < std::min(height, (block + 1) * kRowBlock); ++i) {
+          const T r = grid_coordinate<T>(i, height);
+          row.compute(m, r, q.data(), width);
+          // Prefix sums over the row of dz = grad * psi'(z) and of dz * q, per channel.
+          row.for_each_segment(m, width, s0, s1, events, [&](int64_t s, int64_t t) {
+            for (int64_t c = 0; c < channels; ++c) {
+              const T* g = grad_gate + c * pixels + i * width;
+              double* a0 = p0.data() + c * (width + 1);
+              double* a1 = p1.data() + c * (width + 1);
+              for (int64_t j = s; j < t; ++j) {
+                const T z = static_cast<T>(s0[c] + s1[c] * static_cast<double>(q[j]));
+                const double dz =
+                    static_cast<double>(g[j] * activate_grad<decltype(A)::value>(z));
+                a0[j + 1] = dz;
+                a1[j + 1] = dz * static_cast<double>(q[j]);
+              }
+            }
+          });
+          for (int64_t c = 0; c < channels; ++c) {
+            double* a0 = p0.data() + c * (width + 1);
+            double* a1 = p1.data() + c * (width + 1);
+            a0[0] = a1[0] = 0.0;
+            for (int64_t j = 0; j < width; ++j) {
+              a0[j + 1] += a0[j];
+              a1[j + 1] += a1[j];
+            }
+            gb2[c] += a0[width];
+          }
+          for (int64_t e = 0; e < units; ++e) {
+            if (row.lo[e] >= row.hi[e]) continue;
+            double t0 = 0.0, t1 = 0.0;
+            for (int64_t c = 0; c < channels; ++c) {
+              const double* a0 = p0.data() + c * (width + 1);
+              const double* a1 = p1.data() + c * (width + 1);
+              d0[c] = a0[row.hi[e]] - a0[row.lo[e]];
+              d1[c] = a1[row.hi[e]] - a1[row.lo[e]];
+              gw2[c * units + e] += row.u[e] * d0[c] + row.v[e] * d1[c];
+              const double w = static_cast<double>(w2[c * units + e]);
+              t0 += w * d0[c];
+              t1 += w * d1[c];
+            }
+            gb1[e] += t0;
+            gw1[2 * e] += static_cast<double>(r) * t0;
+            gw1[2 * e + 1] += t1;
+          }
+        }
+      }
+    });
+  });
+  auto sum = at::zeros({part_size}, at::kDouble);
+  double* total = sum.data_ptr<double>();
+  for (int64_t block = 0; block < blocks; ++block) {
+    const double* part = parts.data() + block * part_size;
+    for (int64_t k = 0; k < part_size; ++k) total[k] += part[k];
+  }
+  const auto dtype = m.weight[0].scalar_type();
+  grad_w.push_back(sum.narrow(0, 0, 2 * units).view({units, 2}).to(dtype));
+  grad_b.push_back(sum.narrow(0, 2 * units, units).to(dtype));
+  grad_w.push_back(sum.narrow(0, 3 * units, channels * units).view({channels, units}).to(dtype));
+  grad_b.push_back(sum.narrow(0, 3 * units + channels * units, channels).to(dtype));
+}
+
 template <typename T>
 void mlp_gate_kernel(const Mlp& m, int64_t height, int64_t width, at::Tensor& gate) {
+  if (piecewise_linear(m)) {
+    piecewise_linear_gate_kernel<T>(m, height, width, gate.data_ptr<T>());
+    return;
+  }
   const int64_t pixels = height * width;
   const int64_t tiles = (pixels + kTile - 1) / kTile;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
@@ -118,6 +332,11 @@ template <typename T>
 void mlp_gate_backward_kernel(const Mlp& m, int64_t height, int64_t width,
                               const at::Tensor& grad_gate, std::vector<at::Tensor>& grad_w,
                               std::vector<at::Tensor>& grad_b) {
+  if (piecewise_linear(m)) {
+    piecewise_linear_backward_kernel<T>(m, height, width, grad_gate.data_ptr<T>(), grad_w,
+                                        grad_b);
+    return;
+  }
   const int64_t pixels = height * width;
   const int64_t tiles = (pixels + kTile - 1) / kTile;
   const int64_t L = m.layers();

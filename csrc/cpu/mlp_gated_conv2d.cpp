@@ -26,7 +26,9 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
               "mlp_gated_conv2d: expected a 4-D weight and two-entry stride, padding, dilation");
   const auto [out_h, out_w] = conv_output_grid(input, weight, stride, padding, dilation);
   const auto cdtype = compute_dtype(input.scalar_type());
-  if (use_implicit_gemm(cdtype) && encoder_weights.size() == encoder_biases.size() &&
+  // float16 / bfloat16 inputs take the map, rounded to their dtype as backward sees it.
+  if (use_implicit_gemm(cdtype) && cdtype == input.scalar_type() &&
+      encoder_weights.size() == encoder_biases.size() &&
       !encoder_weights.empty() && encoder_weights[0].scalar_type() == cdtype &&
       static_cast<int64_t>(encoder_weights.size()) <= kMaxEncoderLayers) {
     // The gate evaluated per tile, as the CUDA kernel's in-kernel encoder does.

@@ -27,6 +27,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "../common/conv_geometry.h"
@@ -181,8 +183,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < kMicro; ++i) {
         const int64_t c = min(c0 + ty + kLanes * i, cg - 1);
-        gate[i][j] = static_cast<acc_t>(
-            encoder_gate(enc, group * cg + c, h == nullptr ? h : h + col, kTileN, r, q));
+        // Rounded to the input's dtype, as the map backward recomputes it.
+        gate[i][j] = static_cast<acc_t>(static_cast<scalar_t>(
+            encoder_gate(enc, group * cg + c, h == nullptr ? h : h + col, kTileN, r, q)));
       }
     }
   } else {
@@ -424,6 +427,13 @@ __global__ void __launch_bounds__(kThreads) gated_conv2d_bwd_weight_kernel(
   }
 }
 
+// Blocks along grid.x are counted in int64 here and must fit the hardware's 2^31 - 1.
+void check_grid(int64_t blocks_x) {
+  TORCH_CHECK(blocks_x <= std::numeric_limits<int32_t>::max(),
+              "gated_conv2d: the problem needs ", blocks_x,
+              " blocks along one grid dimension, more than CUDA allows");
+}
+
 // The in-kernel encoder serves float32 / float16 / bfloat16 inputs (float64 takes the gate
 // map, see encoder_in_kernel in mlp_gated_conv2d.cu): no float64 instance is compiled.
 template <typename scalar_t>
@@ -443,7 +453,9 @@ void launch_forward(const ConvGeometry& geo, const at::Tensor& x, const at::Tens
                     const std::optional<at::Tensor>& bias, const at::Tensor& gate,
                     const EncoderSpec* encoder, const std::optional<at::Tensor>& mix_weight,
                     const std::optional<at::Tensor>& mix_bias, at::Tensor& out, at::Tensor* y) {
-  if (geo.batch == 0) return;
+  // Nothing to write (no image or no channel): no launch (a zero grid is an error). Without
+  // input channels K is 0 and the kernels write the gated bias.
+  if (out.numel() == 0) return;
   const auto w = weight.contiguous();
   const auto b = bias ? bias->contiguous() : at::Tensor();
   const auto gmap = gate.defined() ? gate.contiguous() : at::Tensor();
@@ -476,6 +488,7 @@ void launch_forward(const ConvGeometry& geo, const at::Tensor& x, const at::Tens
                             y != nullptr ? y->data_ptr<scalar_t>() : nullptr,
                             y != nullptr ? strides_of(*y) : Strides4{}};
     const int64_t pixel_tiles = ceil_div(geo.pixels(), kTileN);
+    check_grid(geo.groups * pixel_tiles);
     if (mw.defined()) {
       MixArgs<scalar_t> mix{mw.data_ptr<scalar_t>(),
                             mb.defined() ? mb.data_ptr<scalar_t>() : nullptr, mw.size(0)};
@@ -557,7 +570,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* dp = grad_out.data_ptr<scalar_t>();
     const Strides4 ds = strides_of(grad_out);
-    if (dgate.defined() || bias_parts.defined()) {
+    if ((dgate.defined() || bias_parts.defined()) && geo.channels * P > 0) {
       const int64_t blocks = std::min<int64_t>(ceil_div(geo.channels * P, kThreads), 65535);
       gated_conv2d_bwd_gate_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
           geo, dp, ds, y.defined() ? y.data_ptr<scalar_t>() : nullptr,
@@ -566,8 +579,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
           bias_parts.defined() ? bias_parts.data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (mask[0] && geo.batch > 0) {
+    if (mask[0] && grad_input.numel() > 0) {
       const auto w = weight.contiguous();
+      check_grid(groups * geo.batch * ceil_div(geo.height * geo.width, kTileN));
       const dim3 grid(groups * geo.batch * ceil_div(geo.height * geo.width, kTileN),
                       ceil_div(geo.in_per_group(), kTileM));
       gated_conv2d_bwd_input_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
@@ -575,7 +589,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
           strides_of(grad_input));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (mask[1]) {
+    if (mask[1] && weight_parts.numel() > 0) {
+      check_grid(groups * chunks * ceil_div(K, kTileN));
       const dim3 grid(groups * chunks * ceil_div(K, kTileN),
                       ceil_div(geo.out_per_group(), kTileM));
       gated_conv2d_bwd_weight_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
@@ -584,7 +599,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  if (mask[0] && geo.batch == 0) grad_input.zero_();
+  // Launched for every non-empty gradient: the kernels write zeros where there is nothing
+  // to sum (no image, no channel, K = 0).
   if (mask[1]) grad_weight = weight_parts.sum(0).view(weight.sizes()).to(dtype);
   if (need_bias) grad_bias = bias_parts.sum(1).to(dtype);
   if (mask[3]) grad_gate = dgate.view({geo.channels, geo.out_h, geo.out_w}).to(dtype);

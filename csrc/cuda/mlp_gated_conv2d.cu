@@ -69,16 +69,17 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cuda(
   const auto [out_h, out_w] = conv_output_grid(input, weight, stride, padding, dilation);
   check_mlp_args(encoder_weights, encoder_biases, out_h, out_w);
   check_encoder_device(encoder_weights, input);
+  TORCH_CHECK(encoder_weights.back().size(0) == weight.size(0),
+              "mlp_gated_conv2d: the encoder gives ", encoder_weights.back().size(0),
+              " gate channels, the convolution ", weight.size(0));
+  // The convolution's checks, with a stand-in gate of the right shape (no memory).
+  check_gated_conv2d_args(
+      input, weight, bias,
+      at::empty({1, 1, 1}, input.options()).expand({weight.size(0), out_h, out_w}), stride,
+      padding, dilation, groups);
+  check_mix_args(mix_weight, mix_bias, input, weight.size(0));
   const c10::cuda::CUDAGuard guard(input.device());
   if (encoder_in_kernel(input, weight, encoder_weights, mix_weight.has_value(), groups)) {
-    TORCH_CHECK(encoder_weights.back().size(0) == weight.size(0),
-                "mlp_gated_conv2d: the encoder gives ", encoder_weights.back().size(0),
-                " gate channels, the convolution ", weight.size(0));
-    // The convolution's checks, with a stand-in gate of the right shape (no memory).
-    check_gated_conv2d_args(
-        input, weight, bias,
-        at::empty({1, 1, 1}, input.options()).expand({weight.size(0), out_h, out_w}), stride,
-        padding, dilation, groups);
     EncoderSpec enc{{}, {}, parse_activation(hidden_activation),
                     parse_activation(gate_activation)};
     for (size_t l = 0; l < encoder_weights.size(); ++l) {
