@@ -81,10 +81,12 @@ def test_gradcheck(case):
     assert torch.autograd.gradcheck(f, (*weights, *biases))
 
 
-def test_backward_is_deterministic_and_thread_independent():
-    weights, biases = _params((2, 16, 8), torch.float32)
+@pytest.mark.parametrize("widths, hidden", [((2, 16, 8), "relu"), ((2, 16, 16, 8), "tanh")],
+                         ids=["piecewise-linear", "tiled-gemm"])
+def test_backward_is_deterministic_and_thread_independent(widths, hidden):
+    weights, biases = _params(widths, torch.float32)
     grad = torch.randn(8, 61, 67)
-    args = (grad, weights, biases, 61, 67, "relu", "sigmoid")
+    args = (grad, weights, biases, 61, 67, hidden, "sigmoid")
     first = torch.ops.coordgate_ext.mlp_gate_backward(*args)
     threads = torch.get_num_threads()
     try:
@@ -94,6 +96,28 @@ def test_backward_is_deterministic_and_thread_independent():
         torch.set_num_threads(threads)
     for a, b in zip(first[0] + first[1], single[0] + single[1]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("hidden", ["relu", "none"])
+@pytest.mark.parametrize("gate_act", ["relu", "gelu"])
+def test_piecewise_linear_encoder_edge_cases(hidden, gate_act):
+    """Two-layer relu / none encoders take the per-row piecewise-linear path: units that
+    switch inside a row (either direction), never, always, and one whose pre-activation does
+    not depend on the column (W1[e, 1] = 0), on a wide grid."""
+    weights, biases = _params((2, 7, 5), torch.float64)
+    with torch.no_grad():
+        weights[0][:, 1] = torch.tensor([3.0, -2.0, 0.0, 0.5, -0.7, 1e-3, 4.0], dtype=torch.float64)
+        biases[0][:] = torch.tensor([0.1, -0.3, 0.2, 5.0, -5.0, 2.5e-4, -0.5], dtype=torch.float64)
+    # Even sizes: no coordinate is 0, so no pixel sits exactly on a unit's kink, where the
+    # relu's gradient is a matter of rounding (either side is a valid subgradient).
+    h, w = 22, 300
+    got = cg.mlp_gate(weights, biases, h, w, hidden, gate_act, backend="cpu")
+    want = reference.mlp_gate(weights, biases, h, w, hidden, gate_act)
+    assert_close(got, want)
+    grad = torch.randn_like(want)
+    for g, r in zip(torch.autograd.grad(got, weights + biases, grad),
+                    torch.autograd.grad(want, weights + biases, grad)):
+        assert_close(g, r)
 
 
 def test_large_gate_from_reused_buffers():
