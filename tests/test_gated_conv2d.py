@@ -14,12 +14,13 @@ import coordgate_ext as cg
 from coordgate_ext import reference
 from conftest import assert_close, assert_low_precision
 
-# backend-engine: the C++ CPU kernels with each of their convolution engines (ATen's, and
-# the implicit GEMM that runs the CUDA kernels' per-element maths from csrc/common), and the
-# CUDA kernels on CUDA tensors where a GPU is present.
+# backend-engine: the C++ CPU kernels with each of their convolution engines (ATen's, the
+# implicit GEMM that runs the CUDA kernels' per-element maths from csrc/common, and "auto",
+# which mixes them per call), and the CUDA kernels on CUDA tensors where a GPU is present.
 FUSED_BACKENDS = [
     "cpu-aten",
     "cpu-implicit_gemm",
+    "cpu-auto",
     pytest.param("cuda", marks=pytest.mark.skipif(
         not torch.cuda.is_available() or cg.available_backends()["cuda"] is not None,
         reason=f"CUDA backend not available: {cg.available_backends()['cuda']}")),

@@ -68,16 +68,22 @@ C10_HOST_DEVICE inline Tap reduction_tap(const ConvGeometry& g, int64_t k) {
   return {k / taps, t / g.kernel_w, t % g.kernel_w};
 }
 
-// Offset in the input of the value that reduction index k of group `group` reads at output
+// Offset in the input of the value that tap (ci, u, v) of group `group` reads at output
 // pixel (oh, ow) of image n, or -1 where the tap falls in the zero padding.
 C10_HOST_DEVICE inline int64_t conv_gather_offset(const ConvGeometry& g, const Strides4& s,
-                                                  int64_t n, int64_t group, int64_t k,
+                                                  int64_t n, int64_t group, const Tap& tap,
                                                   int64_t oh, int64_t ow) {
-  const Tap tap = reduction_tap(g, k);
   const int64_t ih = conv_input_index(oh, tap.u, g.stride_h, g.dilation_h, g.pad_h);
   const int64_t iw = conv_input_index(ow, tap.v, g.stride_w, g.dilation_w, g.pad_w);
   if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) return -1;
   return s.offset(n, group * g.in_per_group() + tap.ci, ih, iw);
+}
+
+// The same for reduction index k.
+C10_HOST_DEVICE inline int64_t conv_gather_offset(const ConvGeometry& g, const Strides4& s,
+                                                  int64_t n, int64_t group, int64_t k,
+                                                  int64_t oh, int64_t ow) {
+  return conv_gather_offset(g, s, n, group, reduction_tap(g, k), oh, ow);
 }
 
 // Offset in grad_out of the value that input pixel (ih, iw) receives through tap (u, v)

@@ -193,8 +193,8 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
   const auto cdtype = compute_dtype(dtype);
   const auto fmt = output_memory_format(input);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  if (use_implicit_gemm(cdtype)) {
-    const auto geo = conv_geometry(input, weight, stride, padding, dilation, groups);
+  const auto geo = conv_geometry(input, weight, stride, padding, dilation, groups);
+  if (implicit_gemm_forward_for(cdtype, geo)) {
     const std::vector<int64_t> shape{geo.batch, geo.channels, geo.out_h, geo.out_w};
     auto out = empty_cached(shape, cdtype, fmt);
     auto y = save_conv ? empty_cached(shape, cdtype, fmt) : at::Tensor();
@@ -247,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
   const auto w = weight.to(cdtype);
   const auto b = cast_optional(bias, cdtype);
 
-  if (use_implicit_gemm(cdtype)) {
+  if (implicit_gemm_backward_for(cdtype)) {
     return implicit_gemm_backward_cpu(grad_out, x, w, b, gate, conv_out, stride, padding,
                                       dilation, groups, output_mask, dtype, fmt);
   }

@@ -33,16 +33,30 @@ Strides4 strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// cols[k * kTile + i] = the input value that reduction index k reads at pixel p0 + i.
+// The output rows and columns of a tile's pixels p0 .. p0 + count, computed once per tile.
+struct TilePixels {
+  std::vector<int64_t> oh, ow;
+
+  TilePixels() : oh(kTile), ow(kTile) {}
+
+  void set(const ConvGeometry& g, int64_t p0, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) {
+      oh[i] = (p0 + i) / g.out_w;
+      ow[i] = (p0 + i) % g.out_w;
+    }
+  }
+};
+
+// cols[k * kTile + i] = the input value that reduction index k reads at the tile's pixel i.
 template <typename T>
 void gather_input(const ConvGeometry& g, const T* x, const Strides4& xs, int64_t n,
-                  int64_t group, int64_t p0, int64_t count, T* cols) {
+                  int64_t group, const TilePixels& pix, int64_t count, T* cols) {
   const int64_t K = g.reduction();
   for (int64_t k = 0; k < K; ++k) {
+    const Tap tap = reduction_tap(g, k);
     T* row = cols + k * kTile;
     for (int64_t i = 0; i < count; ++i) {
-      const int64_t p = p0 + i;
-      const int64_t off = conv_gather_offset(g, xs, n, group, k, p / g.out_w, p % g.out_w);
+      const int64_t off = conv_gather_offset(g, xs, n, group, tap, pix.oh[i], pix.ow[i]);
       row[i] = off < 0 ? T(0) : x[off];
     }
   }
@@ -105,6 +119,8 @@ void forward_kernel(const ConvGeometry& g, const at::Tensor& x, const at::Tensor
     auto acc = at::empty({cg, kTile}, cols.options());
     auto gate_tile = at::empty({cg, kTile}, cols.options());
     std::vector<T> scratch(2 * max_width);
+    std::vector<int64_t> out_offset(kTile), y_offset(kTile);
+    TilePixels pix;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t group = item / tiles;
       const int64_t p0 = (item % tiles) * kTile;
@@ -115,19 +131,26 @@ void forward_kernel(const ConvGeometry& g, const at::Tensor& x, const at::Tensor
       }
       const auto w_g = w2d.narrow(0, group * cg, cg);
       auto acc_v = acc.narrow(1, 0, count);
+      // The tile's pixels' offsets within an output channel, computed once per tile.
+      pix.set(g, p0, count);
+      for (int64_t i = 0; i < count; ++i) {
+        out_offset[i] = os.offset(0, 0, pix.oh[i], pix.ow[i]);
+        y_offset[i] = ys.offset(0, 0, pix.oh[i], pix.ow[i]);
+      }
       for (int64_t n = 0; n < g.batch; ++n) {
-        gather_input(g, xp, xs, n, group, p0, count, cols.data_ptr<T>());
+        gather_input(g, xp, xs, n, group, pix, count, cols.data_ptr<T>());
         at::mm_out(acc_v, w_g, cols.narrow(1, 0, count));
         const T* a = acc.data_ptr<T>();
         for (int64_t cl = 0; cl < cg; ++cl) {
           const int64_t c = group * cg + cl;
           const T b = bias ? bias[c] : T(0);
-          for (int64_t i = 0; i < count; ++i) {
-            const int64_t p = p0 + i, oh = p / g.out_w, ow = p % g.out_w;
-            const T gv = gate_map ? gate_map[c * P + p] : gate_tile.data_ptr<T>()[cl * kTile + i];
-            const T v = a[cl * kTile + i];
-            op[os.offset(n, c, oh, ow)] = gated_output(v, b, gv);
-            if (yp) yp[ys.offset(n, c, oh, ow)] = v + b;
+          const T* gv = gate_map ? gate_map + c * P + p0 : gate_tile.data_ptr<T>() + cl * kTile;
+          const T* v = a + cl * kTile;
+          T* o = op + n * os.n + c * os.c;
+          for (int64_t i = 0; i < count; ++i) o[out_offset[i]] = gated_output(v[i], b, gv[i]);
+          if (yp) {
+            T* yc = yp + n * ys.n + c * ys.c;
+            for (int64_t i = 0; i < count; ++i) yc[y_offset[i]] = v[i] + b;
           }
         }
       }
@@ -163,6 +186,8 @@ void backward_kernel(const ConvGeometry& g, const at::Tensor& dout, const at::Te
     auto acc = at::empty({cg, kTile}, w2d.options());
     auto dy_tile = at::empty({cg, kTile}, w2d.options());
     std::vector<T> dgate_tile(cg * kTile);
+    std::vector<int64_t> dout_offset(kTile), y_offset(kTile);
+    TilePixels pix;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t group = item / tiles, tile = item % tiles;
       const int64_t p0 = tile * kTile;
@@ -176,24 +201,37 @@ void backward_kernel(const ConvGeometry& g, const at::Tensor& dout, const at::Te
       if (bias_part) std::fill(bias_part, bias_part + cg, T(0));
       auto weight_part = need_weight ? grads.weight_parts[item] : at::Tensor();
       if (need_weight) weight_part.zero_();
+      pix.set(g, p0, count);
+      for (int64_t i = 0; i < count; ++i) {
+        dout_offset[i] = ds.offset(0, 0, pix.oh[i], pix.ow[i]);
+        y_offset[i] = ys.offset(0, 0, pix.oh[i], pix.ow[i]);
+      }
       for (int64_t n = 0; n < g.batch; ++n) {
-        if (need_cols) gather_input(g, xp, xs, n, group, p0, count, cols.data_ptr<T>());
+        if (need_cols) gather_input(g, xp, xs, n, group, pix, count, cols.data_ptr<T>());
         if (need_gate && recompute) at::mm_out(acc_v, w_g, cols_v);
         T* dyt = dy_tile.data_ptr<T>();
         const T* a = acc.data_ptr<T>();
         for (int64_t cl = 0; cl < cg; ++cl) {
           const int64_t c = group * cg + cl;
           const T b = bias ? bias[c] : T(0);
-          for (int64_t i = 0; i < count; ++i) {
-            const int64_t p = p0 + i, oh = p / g.out_w, ow = p % g.out_w;
-            const T d = dp[ds.offset(n, c, oh, ow)];
-            const T dyv = conv_grad_term(d, gate_map[c * P + p]);
-            dyt[cl * kTile + i] = dyv;
-            if (dyp) dyp[(n * g.channels + c) * P + p] = dyv;
-            if (bias_part) bias_part[cl] += dyv;
-            if (need_gate) {
-              const T yv = recompute ? a[cl * kTile + i] + b : yp[ys.offset(n, c, oh, ow)];
-              dgate_tile[cl * kTile + i] += gate_grad_term(d, yv);
+          const T* d = dp + n * ds.n + c * ds.c;
+          const T* gv = gate_map + c * P + p0;
+          T* dy_row = dyt + cl * kTile;
+          for (int64_t i = 0; i < count; ++i) dy_row[i] = conv_grad_term(d[dout_offset[i]], gv[i]);
+          if (dyp) std::copy(dy_row, dy_row + count, dyp + (n * g.channels + c) * P + p0);
+          if (bias_part) {
+            for (int64_t i = 0; i < count; ++i) bias_part[cl] += dy_row[i];
+          }
+          if (need_gate) {
+            T* dg = dgate_tile.data() + cl * kTile;
+            if (recompute) {
+              const T* v = a + cl * kTile;
+              for (int64_t i = 0; i < count; ++i) dg[i] += gate_grad_term(d[dout_offset[i]], v[i] + b);
+            } else {
+              const T* yc = yp + n * ys.n + c * ys.c;
+              for (int64_t i = 0; i < count; ++i) {
+                dg[i] += gate_grad_term(d[dout_offset[i]], yc[y_offset[i]]);
+              }
             }
           }
         }
@@ -261,7 +299,7 @@ void set_cpu_engine(CpuEngine engine) { g_cpu_engine.store(static_cast<int>(engi
 
 CpuEngine cpu_engine() { return static_cast<CpuEngine>(g_cpu_engine.load()); }
 
-bool use_implicit_gemm(at::ScalarType compute_dtype) {
+bool implicit_gemm_forward_for(at::ScalarType compute_dtype, const ConvGeometry& g) {
   switch (cpu_engine()) {
     case CpuEngine::kImplicitGemm:
       return true;
@@ -269,7 +307,18 @@ bool use_implicit_gemm(at::ScalarType compute_dtype) {
       return false;
     case CpuEngine::kAuto:
     default:
-      // oneDNN has no float64 kernels; ATen's float64 convolution is a slow im2col anyway.
+      return compute_dtype == at::kDouble || g.reduction() <= kImplicitGemmMaxK;
+  }
+}
+
+bool implicit_gemm_backward_for(at::ScalarType compute_dtype) {
+  switch (cpu_engine()) {
+    case CpuEngine::kImplicitGemm:
+      return true;
+    case CpuEngine::kAten:
+      return false;
+    case CpuEngine::kAuto:
+    default:
       return compute_dtype == at::kDouble;
   }
 }

@@ -16,13 +16,21 @@ namespace coordgate {
 
 // How the CPU kernels convolve: ATen's convolution (oneDNN) with the gate applied around it,
 // or the implicit-GEMM engine of implicit_gemm.cpp, which runs the CUDA kernels' per-element
-// maths. kAuto takes the implicit GEMM for float64 (oneDNN has no float64 kernels) and ATen
-// otherwise. Set with coordgate_ext.set_cpu_engine.
+// maths. Set with coordgate_ext.set_cpu_engine; kAuto decides per call (see below).
 enum class CpuEngine : int { kAuto = 0, kAten = 1, kImplicitGemm = 2 };
 
 void set_cpu_engine(CpuEngine engine);
 CpuEngine cpu_engine();
-bool use_implicit_gemm(at::ScalarType compute_dtype);
+
+// Whether a forward (backward) runs the implicit GEMM. kAuto takes it for float64 (oneDNN
+// has no float64 kernels; ATen's float64 convolution is a slow im2col anyway) and, for the
+// forward, where the reduction K = Cin/groups * kh * kw is at most kImplicitGemmMaxK: there
+// oneDNN's direct convolution is memory-bound and the implicit GEMM, writing the gated
+// output tile by tile while it is in cache, is faster (measured here, float32: K = 3, 9, 27,
+// 36 at 0.4-0.6x of the bare F.conv2d, K = 72 at 0.73x, K = 144 at 0.96x, K = 288 at 1.7x).
+constexpr int64_t kImplicitGemmMaxK = 64;
+bool implicit_gemm_forward_for(at::ScalarType compute_dtype, const ConvGeometry& g);
+bool implicit_gemm_backward_for(at::ScalarType compute_dtype);
 
 // Where the implicit GEMM's backward writes; an undefined tensor is a gradient not asked
 // for. input: like the input (zero padding needs no initialisation: every element is

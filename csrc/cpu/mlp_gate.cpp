@@ -79,13 +79,12 @@ struct Tile {
       const int64_t features = m.weight[l].size(0);
       T* a = pre[l].data_ptr<T>();
       if (l == 0) {
-        // Two inputs: an outer sum, which a GEMM with K = 2 would do poorly.
+        // Two inputs: an outer sum (the shared unit), which a GEMM with K = 2 would do poorly.
         const T* w = m.weight[0].data_ptr<T>();
         const T* b = m.bias[0].data_ptr<T>();
         for (int64_t o = 0; o < features; ++o) {
           T* ao = a + o * kTile;
-          const T wr = w[2 * o], wq = w[2 * o + 1], bo = b[o];
-          for (int64_t p = 0; p < count; ++p) ao[p] = wr * r[p] + wq * q[p] + bo;
+          for (int64_t p = 0; p < count; ++p) ao[p] = encoder_input_unit<T>(w, b, o, r[p], q[p]);
         }
       } else {
         auto a_view = pre[l].narrow(1, 0, count);

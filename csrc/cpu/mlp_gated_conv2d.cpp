@@ -26,8 +26,13 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
               "mlp_gated_conv2d: expected a 4-D weight and two-entry stride, padding, dilation");
   const auto [out_h, out_w] = conv_output_grid(input, weight, stride, padding, dilation);
   const auto cdtype = compute_dtype(input.scalar_type());
-  // float16 / bfloat16 inputs take the map, rounded to their dtype as backward sees it.
-  if (use_implicit_gemm(cdtype) && cdtype == input.scalar_type() &&
+  // The gate per tile from the shared per-pixel encoder (the CUDA kernel's in-kernel gate)
+  // when the implicit GEMM is asked for, or for float64; otherwise the map (for two-layer
+  // relu encoders far cheaper, see mlp_gate.cpp), whichever engine convolves. float16 /
+  // bfloat16 inputs take the map, rounded to their dtype as backward sees it.
+  const bool encoder_per_tile = cpu_engine() == CpuEngine::kImplicitGemm ||
+                                (cpu_engine() == CpuEngine::kAuto && cdtype == at::kDouble);
+  if (encoder_per_tile && cdtype == input.scalar_type() &&
       encoder_weights.size() == encoder_biases.size() &&
       !encoder_weights.empty() && encoder_weights[0].scalar_type() == cdtype &&
       static_cast<int64_t>(encoder_weights.size()) <= kMaxEncoderLayers) {
