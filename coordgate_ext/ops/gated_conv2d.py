@@ -66,10 +66,15 @@ if loaded():
     def _setup_context(ctx, inputs, output):
         input, weight, bias, gate, stride, padding, dilation, groups, mix_weight, mix_bias, save_conv = inputs
         _, conv = output
+        # The second output (the saved convolution) never receives a gradient: do not let
+        # autograd fill a zero tensor of the output's size for it.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(input, weight, bias, gate, conv, mix_weight, mix_bias)
         ctx.geometry = (stride, padding, dilation, groups)
 
     def _backward(ctx, grad_out, _grad_conv):
+        if grad_out is None:  # only the saved convolution was used: no gradient flows back
+            return (None,) * 11
         input, weight, bias, gate, conv, mix_weight, mix_bias = ctx.saved_tensors
         needs = ctx.needs_input_grad
         mask = [needs[0], needs[1], needs[2] and bias is not None, needs[3],

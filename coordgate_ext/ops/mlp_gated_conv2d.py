@@ -32,12 +32,17 @@ if loaded():
         (input, weight, bias, enc_w, enc_b, hidden_activation, gate_activation, stride, padding,
          dilation, groups, mix_weight, mix_bias, save_conv) = inputs
         _, conv = output
+        # The second output (the saved convolution) never receives a gradient: do not let
+        # autograd fill a zero tensor of the output's size for it.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(input, weight, bias, conv, mix_weight, mix_bias, *enc_w, *enc_b)
         ctx.layers = len(enc_w)
         ctx.activations = (hidden_activation, gate_activation)
         ctx.geometry = (stride, padding, dilation, groups)
 
     def _backward(ctx, grad_out, _grad_conv):
+        if grad_out is None:  # only the saved convolution was used: no gradient flows back
+            return (None, None, None, [None] * ctx.layers, [None] * ctx.layers) + (None,) * 9
         input, weight, bias, conv, mix_weight, mix_bias, *encoder = ctx.saved_tensors
         enc_w, enc_b = encoder[: ctx.layers], encoder[ctx.layers :]
         needs = ctx.needs_input_grad
