@@ -12,6 +12,23 @@
 
 namespace coordgate {
 
+namespace {
+
+// Checked before anything divides by them.
+void check_conv_hyperparameters(at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "gated_conv2d: stride, padding and dilation must have two entries each");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "gated_conv2d: stride must be positive, got ",
+              stride);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0,
+              "gated_conv2d: dilation must be positive, got ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0,
+              "gated_conv2d: padding must be non-negative, got ", padding);
+}
+
+}  // namespace
+
 Activation parse_activation(c10::string_view name) {
   if (name == "none") return Activation::kNone;
   if (name == "relu") return Activation::kRelu;
@@ -68,14 +85,7 @@ std::pair<int64_t, int64_t> check_gated_conv2d_args(
               weight.dim(), "-D");
   TORCH_CHECK(gate.dim() == 3, "gated_conv2d: expected a 3-D gate (C, Ho, Wo), got ",
               gate.dim(), "-D");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "gated_conv2d: stride, padding and dilation must have two entries each");
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "gated_conv2d: stride must be positive, got ",
-              stride);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0,
-              "gated_conv2d: dilation must be positive, got ", dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0,
-              "gated_conv2d: padding must be non-negative, got ", padding);
+  check_conv_hyperparameters(stride, padding, dilation);
   TORCH_CHECK(groups > 0, "gated_conv2d: groups must be positive, got ", groups);
   const auto dtype = input.scalar_type();
   TORCH_CHECK(at::isFloatingType(dtype),
@@ -114,14 +124,7 @@ std::pair<int64_t, int64_t> conv_output_grid(const at::Tensor& input, const at::
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4,
               "gated_conv2d: expected a 4-D input and a 4-D weight, got ", input.dim(), "-D and ",
               weight.dim(), "-D");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "gated_conv2d: stride, padding and dilation must have two entries each");
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "gated_conv2d: stride must be positive, got ",
-              stride);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0,
-              "gated_conv2d: dilation must be positive, got ", dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0,
-              "gated_conv2d: padding must be non-negative, got ", padding);
+  check_conv_hyperparameters(stride, padding, dilation);
   TORCH_CHECK(weight.size(2) > 0 && weight.size(3) > 0,
               "gated_conv2d: expected a non-empty kernel, got ", weight.size(2), "x",
               weight.size(3));
@@ -235,6 +238,43 @@ gated_backward_with_mix(
   if (need_gated) std::tie(gi, gw, gb, gg) = core(grad_gated.to(dtype), conv, mask);
   return {gi, gw, gb, gg, output_mask[4] ? grad_mix_w.to(dtype) : empty(),
           output_mask[5] && mix_bias ? grad_mix_b.to(dtype) : empty()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           at::Tensor, at::Tensor>
+mlp_gated_conv2d_backward_with(
+    MlpGateFn mlp_gate, GatedBackwardFn gated_backward, MlpGateBackwardFn mlp_gate_backward,
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::TensorList encoder_weights,
+    at::TensorList encoder_biases, c10::string_view hidden_activation,
+    c10::string_view gate_activation, const at::Tensor& conv_out, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
+    std::array<bool, 6> output_mask) {
+  TORCH_CHECK(grad_out.dim() == 4, "mlp_gated_conv2d_backward: expected a 4-D grad_out, got ",
+              grad_out.dim(), "-D");
+  TORCH_CHECK(!encoder_weights.empty() && encoder_weights[0].device() == input.device(),
+              "mlp_gated_conv2d: the encoder's parameters must be on the input's device (",
+              input.device(), ")");
+  const int64_t out_h = grad_out.size(2), out_w = grad_out.size(3);
+  const auto gate = mlp_gate(encoder_weights, encoder_biases, out_h, out_w, hidden_activation,
+                             gate_activation);
+  auto [grad_input, grad_weight, grad_bias, grad_gate, grad_mix_w, grad_mix_b] =
+      gated_backward(grad_out, input, weight, bias, gate.to(input.scalar_type()), conv_out,
+                     stride, padding, dilation, groups, mix_weight, mix_bias, output_mask);
+  std::vector<at::Tensor> grad_enc_w, grad_enc_b;
+  if (output_mask[3]) {
+    std::tie(grad_enc_w, grad_enc_b) =
+        mlp_gate_backward(grad_gate.to(encoder_weights[0].scalar_type()), encoder_weights,
+                          encoder_biases, out_h, out_w, hidden_activation, gate_activation);
+  } else {
+    // Not asked for: empty tensors, one per parameter (outputs never alias one another).
+    for (size_t l = 0; l < encoder_weights.size(); ++l) {
+      grad_enc_w.push_back(at::empty({0}, encoder_weights[l].options()));
+      grad_enc_b.push_back(at::empty({0}, encoder_biases[l].options()));
+    }
+  }
+  return {grad_input, grad_weight, grad_bias, grad_enc_w, grad_enc_b, grad_mix_w, grad_mix_b};
 }
 
 at::ScalarType compute_dtype(at::ScalarType dtype) {

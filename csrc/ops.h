@@ -75,6 +75,33 @@ gated_backward_with_mix(
         const at::Tensor&, const at::Tensor&, std::array<bool, 4>)>& core,
     const std::function<at::Tensor()>& recompute_conv);
 
+// A backend's kernels, as mlp_gated_conv2d_backward composes them.
+using MlpGateFn = at::Tensor (*)(at::TensorList, at::TensorList, int64_t, int64_t,
+                                 c10::string_view, c10::string_view);
+using MlpGateBackwardFn = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> (*)(
+    const at::Tensor&, at::TensorList, at::TensorList, int64_t, int64_t, c10::string_view,
+    c10::string_view);
+using GatedBackwardFn =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+        const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+        int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+        std::array<bool, 6>);
+
+// mlp_gated_conv2d_backward from a backend's kernels: the gate map evaluated again (the
+// encoder is tiny), the gated backward with it, and the encoder's gradients from the gate's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           at::Tensor, at::Tensor>
+mlp_gated_conv2d_backward_with(
+    MlpGateFn mlp_gate, GatedBackwardFn gated_backward, MlpGateBackwardFn mlp_gate_backward,
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::TensorList encoder_weights,
+    at::TensorList encoder_biases, c10::string_view hidden_activation,
+    c10::string_view gate_activation, const at::Tensor& conv_out, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
+    std::array<bool, 6> output_mask);
+
 // The host-side description of an MLP encoder for kernels that evaluate the gate
 // themselves: parameters in the compute dtype, contiguous, on the kernel's device.
 struct EncoderSpec {

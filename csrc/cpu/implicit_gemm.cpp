@@ -299,28 +299,22 @@ void set_cpu_engine(CpuEngine engine) { g_cpu_engine.store(static_cast<int>(engi
 
 CpuEngine cpu_engine() { return static_cast<CpuEngine>(g_cpu_engine.load()); }
 
+namespace {
+
+// The engine's answer for an explicit choice, or auto_choice under kAuto.
+bool implicit_gemm_for(bool auto_choice) {
+  const CpuEngine engine = cpu_engine();
+  return engine == CpuEngine::kImplicitGemm || (engine == CpuEngine::kAuto && auto_choice);
+}
+
+}  // namespace
+
 bool implicit_gemm_forward_for(at::ScalarType compute_dtype, const ConvGeometry& g) {
-  switch (cpu_engine()) {
-    case CpuEngine::kImplicitGemm:
-      return true;
-    case CpuEngine::kAten:
-      return false;
-    case CpuEngine::kAuto:
-    default:
-      return compute_dtype == at::kDouble || g.reduction() <= kImplicitGemmMaxK;
-  }
+  return implicit_gemm_for(compute_dtype == at::kDouble || g.reduction() <= kImplicitGemmMaxK);
 }
 
 bool implicit_gemm_backward_for(at::ScalarType compute_dtype) {
-  switch (cpu_engine()) {
-    case CpuEngine::kImplicitGemm:
-      return true;
-    case CpuEngine::kAten:
-      return false;
-    case CpuEngine::kAuto:
-    default:
-      return compute_dtype == at::kDouble;
-  }
+  return implicit_gemm_for(compute_dtype == at::kDouble);
 }
 
 int64_t implicit_gemm_tiles(const ConvGeometry& g) {

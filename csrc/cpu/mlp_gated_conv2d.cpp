@@ -85,28 +85,11 @@ mlp_gated_conv2d_backward_cpu(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
     std::array<bool, 6> output_mask) {
-  TORCH_CHECK(grad_out.dim() == 4, "mlp_gated_conv2d_backward: expected a 4-D grad_out, got ",
-              grad_out.dim(), "-D");
-  const int64_t out_h = grad_out.size(2), out_w = grad_out.size(3);
-  const auto gate = mlp_gate_cpu(encoder_weights, encoder_biases, out_h, out_w,
-                                 hidden_activation, gate_activation);
-  auto [grad_input, grad_weight, grad_bias, grad_gate, grad_mix_w, grad_mix_b] =
-      gated_conv2d_backward_cpu(grad_out, input, weight, bias, gate.to(input.scalar_type()),
-                                conv_out, stride, padding, dilation, groups, mix_weight,
-                                mix_bias, output_mask);
-  std::vector<at::Tensor> grad_enc_w, grad_enc_b;
-  if (output_mask[3]) {
-    std::tie(grad_enc_w, grad_enc_b) =
-        mlp_gate_backward_cpu(grad_gate.to(encoder_weights[0].scalar_type()), encoder_weights,
-                              encoder_biases, out_h, out_w, hidden_activation, gate_activation);
-  } else {
-    // Not asked for: empty tensors, one per parameter (outputs never alias one another).
-    for (size_t l = 0; l < encoder_weights.size(); ++l) {
-      grad_enc_w.push_back(at::empty({0}, encoder_weights[l].options()));
-      grad_enc_b.push_back(at::empty({0}, encoder_biases[l].options()));
-    }
-  }
-  return {grad_input, grad_weight, grad_bias, grad_enc_w, grad_enc_b, grad_mix_w, grad_mix_b};
+  return mlp_gated_conv2d_backward_with(&mlp_gate_cpu, &gated_conv2d_backward_cpu,
+                                        &mlp_gate_backward_cpu, grad_out, input, weight,
+                                        bias, encoder_weights, encoder_biases, hidden_activation,
+                                        gate_activation, conv_out, stride, padding, dilation,
+                                        groups, mix_weight, mix_bias, output_mask);
 }
 
 }  // namespace

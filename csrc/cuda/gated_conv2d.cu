@@ -66,6 +66,15 @@ struct GemmTile {
   acc_t b[kTileK][kTileN];
 };
 
+template <typename acc_t>
+__device__ __forceinline__ void zero_tile(acc_t (&acc)[kMicro][kMicro]) {
+#pragma unroll
+  for (int i = 0; i < kMicro; ++i) {
+#pragma unroll
+    for (int j = 0; j < kMicro; ++j) acc[i][j] = acc_t(0);
+  }
+}
+
 // acc[i][j] += sum_{k < K} A(ty + 16 i, k) * B(k, tx + 16 j), A and B read through
 // load_a(row, k) and load_b(k, column) (zero outside the operands: the loaders mask rows and
 // columns, this function masks k). Every thread of the block must call it.
@@ -127,11 +136,7 @@ __device__ __forceinline__ void conv_tile(const ConvArgs<scalar_t>& args, int64_
                                           acc_t (&acc)[kMicro][kMicro]) {
   const ConvGeometry& g = args.g;
   const int64_t K = g.reduction(), cg = g.out_per_group();
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) acc[i][j] = acc_t(0);
-  }
+  zero_tile(acc);
   gemm_tile<acc_t>(
       K,
       [&](int m, int64_t k) -> acc_t {
@@ -333,11 +338,7 @@ __global__ void __launch_bounds__(kThreads) gated_conv2d_bwd_input_kernel(
   const int64_t ih = q_load / g.width, iw = q_load % g.width;
 
   acc_t acc[kMicro][kMicro];
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) acc[i][j] = acc_t(0);
-  }
+  zero_tile(acc);
   gemm_tile<acc_t>(
       cg * taps,
       [&](int m, int64_t k) -> acc_t {
@@ -393,11 +394,7 @@ __global__ void __launch_bounds__(kThreads) gated_conv2d_bwd_weight_kernel(
   const int64_t k_load = k0 + threadIdx.x % kTileN;
 
   acc_t acc[kMicro][kMicro];
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) acc[i][j] = acc_t(0);
-  }
+  zero_tile(acc);
   gemm_tile<acc_t>(
       len,
       [&](int m, int64_t rr) -> acc_t {
