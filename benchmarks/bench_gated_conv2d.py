@@ -11,6 +11,8 @@ and the bytes saved for backward, and writes results/benchmarks.{json,png}.
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 
 import pytest
 import torch
@@ -28,6 +30,8 @@ SHAPES = [
     (2, 3, 64, 3, 512, 512),
 ]
 MODES = ["train_fwd", "fwd+bwd", "eval_fwd"]
+#: Back-to-back rounds of a provider and the bare convolution for the paired ratio.
+PAIRED_ROUNDS = 5
 ENCODER_HIDDEN = 32
 
 
@@ -110,12 +114,35 @@ def _runner(provider, mode, shape, dtype):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_case_id)
-def test_gated_conv2d(benchmark, record_median, record_model, shape, dtype, provider, mode):
+def test_gated_conv2d(benchmark, record_median, record_paired, record_model, shape, dtype, provider, mode):
     run = _runner(provider, mode, shape, dtype)
     record_model(_case_id(shape, dtype), _model(shape, dtype))
     benchmark.group = f"{_case_id(shape, dtype)} {mode}"
     benchmark.pedantic(run, rounds=5, warmup_rounds=2)
     record_median(_case_id(shape, dtype), mode, provider, benchmark)
+    if provider != "bare_conv":
+        record_paired(_case_id(shape, dtype), mode, provider,
+                      _paired_ratio(run, _runner("bare_conv", mode, shape, dtype)))
+
+
+def _seconds(fn) -> float:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _paired_ratio(run, bare, rounds: int = PAIRED_ROUNDS) -> float:
+    """Median over rounds of time(run) / time(bare), the two timed back to back."""
+    bare()
+    ratios = []
+    for _ in range(rounds):
+        base = _seconds(bare)
+        ratios.append(_seconds(run) / base)
+    return statistics.median(ratios)
 
 
 def _saved_bytes(module, x) -> int:

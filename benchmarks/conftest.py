@@ -1,10 +1,12 @@
 """Side-by-side reporting for the benchmarks.
 
-Every timing records its median under (case, mode, provider); every memory measurement its
-saved-for-backward bytes under (case, provider). The terminal summary prints, per case, the
-performance model of DESIGN.md section 6, the medians with their ratios to the bare
-convolution, the compiled reference and the eager reference, and the memory table; it writes
-results/benchmarks.json and results/benchmarks.png.
+Every timing records its median under (case, mode, provider), and its paired ratio to the
+bare convolution (the median over rounds that time the bare convolution and the provider back
+to back, so that the machine's drift between tests, large on a shared 2-core machine, cancels);
+every memory measurement its saved-for-backward bytes under (case, provider). The terminal
+summary prints, per case, the performance model of DESIGN.md section 6, the medians with their
+ratios to the bare convolution, the compiled reference and the eager reference, the paired
+ratio, and the memory table; it writes results/benchmarks.json and results/benchmarks.png.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import pytest
 
 MEDIANS: dict[tuple[str, str], dict[str, float]] = collections.defaultdict(dict)
+PAIRED: dict[tuple[str, str], dict[str, float]] = collections.defaultdict(dict)
 SAVED_BYTES: dict[str, dict[str, int]] = collections.defaultdict(dict)
 MODELS: dict[str, dict[str, float]] = {}
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
@@ -26,6 +29,14 @@ BASELINES = (("bare_conv", "/ bare conv"), ("compiled_reference", "/ compiled re
 def record_median():
     def record(case: str, mode: str, provider: str, benchmark) -> None:
         MEDIANS[(case, mode)][provider] = benchmark.stats.stats.median
+
+    return record
+
+
+@pytest.fixture
+def record_paired():
+    def record(case: str, mode: str, provider: str, ratio: float) -> None:
+        PAIRED[(case, mode)][provider] = ratio
 
     return record
 
@@ -84,7 +95,8 @@ def pytest_terminal_summary(terminalreporter):
             write(f"{case}: {model['gflop']:.2f} GFLOP, minimum {model['min_mb']:.1f} MB moved, "
                   f"unfused {model['unfused_mb']:.1f} MB (conv output written and read again, "
                   f"gate and encoder activations)")
-        header = f"  {'mode':<10} {'provider':<20} {'median ms':>10}" + "".join(f" {h:>15}" for _, h in BASELINES)
+        header = (f"  {'mode':<10} {'provider':<20} {'median ms':>10}" + "".join(f" {h:>15}" for _, h in BASELINES)
+                  + f" {'paired / bare':>15}")
         write(header)
         for (c, mode), providers in sorted(MEDIANS.items()):
             if c != case:
@@ -93,7 +105,9 @@ def pytest_terminal_summary(terminalreporter):
                 ratios = "".join(
                     f" {median / providers[b]:15.2f}" if b in providers else f" {'-':>15}" for b, _ in BASELINES
                 )
-                write(f"  {mode:<10} {provider:<20} {median * 1e3:10.1f}{ratios}")
+                paired = PAIRED[(c, mode)].get(provider)
+                paired_text = f" {paired:15.2f}" if paired is not None else f" {'-':>15}"
+                write(f"  {mode:<10} {provider:<20} {median * 1e3:10.1f}{ratios}{paired_text}")
         saved = SAVED_BYTES.get(case)
         if saved:
             ref = saved.get("reference")
@@ -105,6 +119,7 @@ def pytest_terminal_summary(terminalreporter):
     with open(json_path, "w") as f:
         json.dump({
             "medians_s": {f"{c} | {m}": v for (c, m), v in sorted(MEDIANS.items())},
+            "paired_ratio_to_bare_conv": {f"{c} | {m}": v for (c, m), v in sorted(PAIRED.items())},
             "saved_for_backward_bytes": SAVED_BYTES,
             "model": MODELS,
         }, f, indent=2)
