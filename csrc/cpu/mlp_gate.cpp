@@ -238,7 +238,11 @@ void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t widt
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       RowUnits<T> row(units);
       std::vector<double> s0(channels), s1(channels), d0(channels), d1(channels);
-      std::vector<double> p0(channels * (width + 1)), p1(channels * (width + 1));
+      // Per row, the sums of dz = grad * psi'(z) and of dz * q over each segment, then
+      // cumulated over the segments: every unit's range starts and ends on a segment bound.
+      const int64_t max_segments = 2 * units + 1;
+      std::vector<double> c0(channels * (max_segments + 1)), c1(channels * (max_segments + 1));
+      std::vector<int64_t> bounds;
       std::vector<std::pair<int64_t, int64_t>> events;
       for (int64_t block = begin; block < end; ++block) {
         double* gw1 = parts.data() + block * part_size;
@@ -248,39 +252,49 @@ void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t widt
         for (int64_t i = block * kRowBlock; i < std::min(height, (block + 1) * kRowBlock); ++i) {
           const T r = grid_coordinate<T>(i, height);
           row.compute(m, r, q.data(), width);
-          // Prefix sums over the row of dz = grad * psi'(z) and of dz * q, per channel.
+          bounds.clear();
           row.for_each_segment(m, width, s0, s1, events, [&](int64_t s, int64_t t) {
+            const int64_t k = static_cast<int64_t>(bounds.size());
+            bounds.push_back(s);
             for (int64_t c = 0; c < channels; ++c) {
               const T* g = grad_gate + c * pixels + i * width;
-              double* a0 = p0.data() + c * (width + 1);
-              double* a1 = p1.data() + c * (width + 1);
+              // Four partial sums: independent chains the compiler can keep in flight.
+              double a0[4] = {0.0, 0.0, 0.0, 0.0}, a1[4] = {0.0, 0.0, 0.0, 0.0};
               for (int64_t j = s; j < t; ++j) {
                 const T z = static_cast<T>(s0[c] + s1[c] * static_cast<double>(q[j]));
                 const double dz =
                     static_cast<double>(g[j] * activate_grad<decltype(A)::value>(z));
-                a0[j + 1] = dz;
-                a1[j + 1] = dz * static_cast<double>(q[j]);
+                a0[j & 3] += dz;
+                a1[j & 3] += dz * static_cast<double>(q[j]);
               }
+              c0[c * (max_segments + 1) + k + 1] = (a0[0] + a0[1]) + (a0[2] + a0[3]);
+              c1[c * (max_segments + 1) + k + 1] = (a1[0] + a1[1]) + (a1[2] + a1[3]);
             }
           });
+          const int64_t segments = static_cast<int64_t>(bounds.size());
+          bounds.push_back(width);
           for (int64_t c = 0; c < channels; ++c) {
-            double* a0 = p0.data() + c * (width + 1);
-            double* a1 = p1.data() + c * (width + 1);
+            double* a0 = c0.data() + c * (max_segments + 1);
+            double* a1 = c1.data() + c * (max_segments + 1);
             a0[0] = a1[0] = 0.0;
-            for (int64_t j = 0; j < width; ++j) {
-              a0[j + 1] += a0[j];
-              a1[j + 1] += a1[j];
+            for (int64_t k = 0; k < segments; ++k) {
+              a0[k + 1] += a0[k];
+              a1[k + 1] += a1[k];
             }
-            gb2[c] += a0[width];
+            gb2[c] += a0[segments];
           }
+          auto segment_of = [&](int64_t column) {
+            return std::lower_bound(bounds.begin(), bounds.end(), column) - bounds.begin();
+          };
           for (int64_t e = 0; e < units; ++e) {
             if (row.lo[e] >= row.hi[e]) continue;
+            const int64_t k_lo = segment_of(row.lo[e]), k_hi = segment_of(row.hi[e]);
             double t0 = 0.0, t1 = 0.0;
             for (int64_t c = 0; c < channels; ++c) {
-              const double* a0 = p0.data() + c * (width + 1);
-              const double* a1 = p1.data() + c * (width + 1);
-              d0[c] = a0[row.hi[e]] - a0[row.lo[e]];
-              d1[c] = a1[row.hi[e]] - a1[row.lo[e]];
+              const double* a0 = c0.data() + c * (max_segments + 1);
+              const double* a1 = c1.data() + c * (max_segments + 1);
+              d0[c] = a0[k_hi] - a0[k_lo];
+              d1[c] = a1[k_hi] - a1[k_lo];
               gw2[c * units + e] += row.u[e] * d0[c] + row.v[e] * d1[c];
               const double w = static_cast<double>(w2[c * units + e]);
               t0 += w * d0[c];
