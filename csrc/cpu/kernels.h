@@ -24,11 +24,15 @@ CpuEngine cpu_engine();
 
 // Whether a forward (backward) runs the implicit GEMM. kAuto takes it for float64 (oneDNN
 // has no float64 kernels; ATen's float64 convolution is a slow im2col anyway) and, for the
-// forward, where the reduction K = Cin/groups * kh * kw is at most kImplicitGemmMaxK: there
-// oneDNN's direct convolution is memory-bound and the implicit GEMM, writing the gated
-// output tile by tile while it is in cache, is faster (measured here, float32: K = 3, 9, 27,
-// 36 at 0.4-0.6x of the bare F.conv2d, K = 72 at 0.73x, K = 144 at 0.96x, K = 288 at 1.7x).
+// forward, where the reduction K = Cin/groups * kh * kw is at most kImplicitGemmMaxK and a
+// group has at least kImplicitGemmMinChannels output channels: there oneDNN's direct
+// convolution is memory-bound and the implicit GEMM, writing the gated output tile by tile
+// while it is in cache, is faster. Measured here, float32, the gated op with the ungated
+// convolution saved, over the bare F.conv2d: C >= 32: K = 3, 9, 27, 36 at 0.4-0.7x (ATen
+// engine 1.1x), K = 72 at 0.73x, K = 144 at 0.96x, K = 288 at 1.7x; C = 16: K = 9 at 0.72x,
+// K = 27 at 1.04x (ATen engine 1.16-1.17x); C = 8, K = 27: 1.44x (ATen engine 1.09x).
 constexpr int64_t kImplicitGemmMaxK = 64;
+constexpr int64_t kImplicitGemmMinChannels = 16;
 bool implicit_gemm_forward_for(at::ScalarType compute_dtype, const ConvGeometry& g);
 bool implicit_gemm_backward_for(at::ScalarType compute_dtype);
 
