@@ -240,6 +240,52 @@ gated_backward_with_mix(
           output_mask[5] && mix_bias ? grad_mix_b.to(dtype) : empty()};
 }
 
+std::pair<int64_t, int64_t> mlp_gated_conv2d_grid(const at::Tensor& input, const at::Tensor& weight,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  at::IntArrayRef dilation) {
+  TORCH_CHECK(input.dim() == 4, "mlp_gated_conv2d: expected a 4-D input (N, Cin, H, W), got ",
+              input.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2,
+              "mlp_gated_conv2d: expected a 4-D weight and two-entry stride, padding, dilation");
+  return conv_output_grid(input, weight, stride, padding, dilation);
+}
+
+void check_encoder_device(at::TensorList encoder_weights, const at::Tensor& input) {
+  TORCH_CHECK(!encoder_weights.empty() && encoder_weights[0].device() == input.device(),
+              "mlp_gated_conv2d: the encoder's parameters must be on the input's device (",
+              input.device(), ")");
+}
+
+void check_mlp_gated_conv2d_args(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::TensorList encoder_weights, at::TensorList encoder_biases, int64_t out_h, int64_t out_w,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias) {
+  check_mlp_args(encoder_weights, encoder_biases, out_h, out_w);
+  check_encoder_device(encoder_weights, input);
+  TORCH_CHECK(encoder_weights.back().size(0) == weight.size(0),
+              "mlp_gated_conv2d: the encoder gives ", encoder_weights.back().size(0),
+              " gate channels, the convolution ", weight.size(0));
+  check_gated_conv2d_args(
+      input, weight, bias,
+      at::empty({1, 1, 1}, input.options()).expand({weight.size(0), out_h, out_w}), stride,
+      padding, dilation, groups);
+  check_mix_args(mix_weight, mix_bias, input, weight.size(0));
+}
+
+EncoderSpec encoder_spec(at::TensorList encoder_weights, at::TensorList encoder_biases,
+                         c10::string_view hidden_activation, c10::string_view gate_activation,
+                         std::optional<at::ScalarType> dtype) {
+  EncoderSpec enc{{}, {}, parse_activation(hidden_activation), parse_activation(gate_activation)};
+  for (size_t l = 0; l < encoder_weights.size(); ++l) {
+    const auto w = encoder_weights[l], b = encoder_biases[l];
+    enc.weight.push_back(dtype ? w.to(*dtype).contiguous() : w.contiguous());
+    enc.bias.push_back(dtype ? b.to(*dtype).contiguous() : b.contiguous());
+  }
+  return enc;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
            at::Tensor, at::Tensor>
 mlp_gated_conv2d_backward_with(
@@ -253,9 +299,7 @@ mlp_gated_conv2d_backward_with(
     std::array<bool, 6> output_mask) {
   TORCH_CHECK(grad_out.dim() == 4, "mlp_gated_conv2d_backward: expected a 4-D grad_out, got ",
               grad_out.dim(), "-D");
-  TORCH_CHECK(!encoder_weights.empty() && encoder_weights[0].device() == input.device(),
-              "mlp_gated_conv2d: the encoder's parameters must be on the input's device (",
-              input.device(), ")");
+  check_encoder_device(encoder_weights, input);
   const int64_t out_h = grad_out.size(2), out_w = grad_out.size(3);
   const auto gate = mlp_gate(encoder_weights, encoder_biases, out_h, out_w, hidden_activation,
                              gate_activation);

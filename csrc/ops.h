@@ -75,6 +75,56 @@ gated_backward_with_mix(
         const at::Tensor&, const at::Tensor&, std::array<bool, 4>)>& core,
     const std::function<at::Tensor()>& recompute_conv);
 
+// The host-side description of an MLP encoder for kernels that evaluate the gate
+// themselves: parameters in the compute dtype, contiguous, on the kernel's device.
+struct EncoderSpec {
+  std::vector<at::Tensor> weight, bias;
+  Activation hidden, gate;
+};
+
+// The output grid (Ho, Wo) of mlp_gated_conv2d, after the checks that computing it needs.
+std::pair<int64_t, int64_t> mlp_gated_conv2d_grid(const at::Tensor& input, const at::Tensor& weight,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  at::IntArrayRef dilation);
+
+// The encoder's parameters live on the input's device.
+void check_encoder_device(at::TensorList encoder_weights, const at::Tensor& input);
+
+// The rest of mlp_gated_conv2d's checks, for kernels that evaluate the encoder themselves:
+// the encoder (check_mlp_args, on the input's device, one gate per output channel), the
+// convolution's arguments (check_gated_conv2d_args with a stand-in gate of no memory) and the
+// mix.
+void check_mlp_gated_conv2d_args(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::TensorList encoder_weights, at::TensorList encoder_biases, int64_t out_h, int64_t out_w,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias);
+
+// The encoder as an EncoderSpec, parameters made contiguous, in dtype when given (else their
+// own), on their device.
+EncoderSpec encoder_spec(at::TensorList encoder_weights, at::TensorList encoder_biases,
+                         c10::string_view hidden_activation, c10::string_view gate_activation,
+                         std::optional<at::ScalarType> dtype = std::nullopt);
+
+// The encoder as the kernels read it: pointers into the spec's tensors, which must be of
+// dtype T and outlive the result.
+template <typename T>
+EncoderParams<T> encoder_params(const EncoderSpec& spec) {
+  TORCH_CHECK(static_cast<int64_t>(spec.weight.size()) <= kMaxEncoderLayers,
+              "the kernels take at most ", kMaxEncoderLayers, " encoder layers, got ",
+              spec.weight.size());
+  EncoderParams<T> e{};
+  e.layers = static_cast<int>(spec.weight.size());
+  e.hidden = spec.hidden;
+  e.gate = spec.gate;
+  for (int l = 0; l < e.layers; ++l) {
+    e.weight[l] = spec.weight[l].data_ptr<T>();
+    e.bias[l] = spec.bias[l].data_ptr<T>();
+    e.width[l] = spec.weight[l].size(0);
+  }
+  return e;
+}
+
 // A backend's kernels, as mlp_gated_conv2d_backward composes them.
 using MlpGateFn = at::Tensor (*)(at::TensorList, at::TensorList, int64_t, int64_t,
                                  c10::string_view, c10::string_view);
@@ -102,12 +152,6 @@ mlp_gated_conv2d_backward_with(
     const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
     std::array<bool, 6> output_mask);
 
-// The host-side description of an MLP encoder for kernels that evaluate the gate
-// themselves: parameters in the compute dtype, contiguous, on the kernel's device.
-struct EncoderSpec {
-  std::vector<at::Tensor> weight, bias;
-  Activation hidden, gate;
-};
 
 // float16 / bfloat16 are computed in float32; float32 and float64 in themselves.
 at::ScalarType compute_dtype(at::ScalarType dtype);

@@ -80,24 +80,6 @@ void encoder_tile(const ConvGeometry& g, const EncoderParams<T>& enc, int64_t gr
 }
 
 template <typename T>
-EncoderParams<T> encoder_params(const std::vector<at::Tensor>& w,
-                                const std::vector<at::Tensor>& b, Activation hidden,
-                                Activation gate, int64_t* max_width) {
-  EncoderParams<T> e{};
-  e.layers = static_cast<int>(w.size());
-  e.hidden = hidden;
-  e.gate = gate;
-  *max_width = 2;
-  for (int l = 0; l < e.layers; ++l) {
-    e.weight[l] = w[l].data_ptr<T>();
-    e.bias[l] = b[l].data_ptr<T>();
-    e.width[l] = w[l].size(0);
-    *max_width = std::max(*max_width, e.width[l]);
-  }
-  return e;
-}
-
-template <typename T>
 void forward_kernel(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w2d,
                     const T* bias, const T* gate_map, const EncoderSpec* encoder,
                     at::Tensor& out, at::Tensor* y) {
@@ -108,11 +90,9 @@ void forward_kernel(const ConvGeometry& g, const at::Tensor& x, const at::Tensor
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   T* yp = y ? y->data_ptr<T>() : nullptr;
-  int64_t max_width = 0;
-  const EncoderParams<T> enc =
-      encoder ? encoder_params<T>(encoder->weight, encoder->bias, encoder->hidden,
-                                  encoder->gate, &max_width)
-              : EncoderParams<T>{};
+  const EncoderParams<T> enc = encoder ? encoder_params<T>(*encoder) : EncoderParams<T>{};
+  int64_t max_width = 2;  // encoder_tile's scratch: two buffers of the widest layer
+  for (int l = 0; l < enc.layers; ++l) max_width = std::max(max_width, enc.width[l]);
   at::parallel_for(0, g.groups * tiles, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto cols = at::empty({K, kTile}, x.options().memory_format(at::MemoryFormat::Contiguous));

@@ -19,12 +19,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
     bool save_conv) {
-  TORCH_CHECK(input.dim() == 4, "mlp_gated_conv2d: expected a 4-D input (N, Cin, H, W), got ",
-              input.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
-                  dilation.size() == 2,
-              "mlp_gated_conv2d: expected a 4-D weight and two-entry stride, padding, dilation");
-  const auto [out_h, out_w] = conv_output_grid(input, weight, stride, padding, dilation);
+  const auto [out_h, out_w] = mlp_gated_conv2d_grid(input, weight, stride, padding, dilation);
   const auto cdtype = compute_dtype(input.scalar_type());
   // The gate per tile from the shared per-pixel encoder (the CUDA kernel's in-kernel gate)
   // when the implicit GEMM is asked for, or for float64; otherwise the map (for two-layer
@@ -37,23 +32,11 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
       !encoder_weights.empty() && encoder_weights[0].scalar_type() == cdtype &&
       static_cast<int64_t>(encoder_weights.size()) <= kMaxEncoderLayers) {
     // The gate evaluated per tile, as the CUDA kernel's in-kernel encoder does.
-    check_mlp_args(encoder_weights, encoder_biases, out_h, out_w);
-    TORCH_CHECK(encoder_weights.back().size(0) == weight.size(0),
-                "mlp_gated_conv2d: the encoder gives ", encoder_weights.back().size(0),
-                " gate channels, the convolution ", weight.size(0));
-    // The convolution's checks, with a stand-in gate of the right shape (no memory).
-    check_gated_conv2d_args(input, weight, bias,
-                            at::empty({1, 1, 1}, input.options())
-                                .expand({weight.size(0), out_h, out_w}),
-                            stride, padding, dilation, groups);
-    check_mix_args(mix_weight, mix_bias, input, weight.size(0));
+    check_mlp_gated_conv2d_args(input, weight, bias, encoder_weights, encoder_biases, out_h, out_w,
+                                stride, padding, dilation, groups, mix_weight, mix_bias);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    EncoderSpec enc{{}, {}, parse_activation(hidden_activation),
-                    parse_activation(gate_activation)};
-    for (size_t l = 0; l < encoder_weights.size(); ++l) {
-      enc.weight.push_back(encoder_weights[l].contiguous());
-      enc.bias.push_back(encoder_biases[l].contiguous());
-    }
+    const EncoderSpec enc =
+        encoder_spec(encoder_weights, encoder_biases, hidden_activation, gate_activation);
     const auto geo = conv_geometry(input, weight, stride, padding, dilation, groups);
     const auto fmt = output_memory_format(input);
     const std::vector<int64_t> shape{geo.batch, geo.channels, out_h, out_w};

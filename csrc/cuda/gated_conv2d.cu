@@ -458,20 +458,8 @@ void launch_forward(const ConvGeometry& geo, const at::Tensor& x, const at::Tens
   const auto gmap = gate.defined() ? gate.contiguous() : at::Tensor();
   const auto mw = mix_weight ? mix_weight->contiguous() : at::Tensor();
   const auto mb = mix_bias ? mix_bias->contiguous() : at::Tensor();
-  EncoderParams<float> enc{};
-  std::vector<at::Tensor> enc_w, enc_b;
-  if (encoder != nullptr) {
-    enc.layers = static_cast<int>(encoder->weight.size());
-    enc.hidden = encoder->hidden;
-    enc.gate = encoder->gate;
-    for (int l = 0; l < enc.layers; ++l) {
-      enc_w.push_back(encoder->weight[l].to(at::kFloat).contiguous());
-      enc_b.push_back(encoder->bias[l].to(at::kFloat).contiguous());
-      enc.weight[l] = enc_w.back().data_ptr<float>();
-      enc.bias[l] = enc_b.back().data_ptr<float>();
-      enc.width[l] = enc_w.back().size(0);
-    }
-  }
+  const EncoderParams<float> enc =
+      encoder != nullptr ? encoder_params<float>(*encoder) : EncoderParams<float>{};
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gated_conv2d_cuda", [&] {
     ConvArgs<scalar_t> args{geo,

@@ -34,9 +34,9 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_cuda(
     at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& mix_weight,
     const std::optional<at::Tensor>& mix_bias, bool save_conv);
 
-// The gated convolution with the gate evaluated inside the kernel from the encoder (its
-// maths in float32; at most kMaxEncoderLayers layers, hidden widths <= kCudaMaxHiddenWidth;
-// no mix). Arguments checked by the caller.
+// The gated convolution with the gate evaluated inside the kernel from the encoder (float32
+// parameters, its maths in float32; at most kMaxEncoderLayers layers, hidden widths <=
+// kCudaMaxHiddenWidth; no mix). Arguments checked by the caller.
 std::tuple<at::Tensor, at::Tensor> gated_conv2d_encoder_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const EncoderSpec& encoder, at::IntArrayRef stride, at::IntArrayRef padding,

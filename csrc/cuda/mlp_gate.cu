@@ -93,38 +93,11 @@ __global__ void __launch_bounds__(kThreads) encoder_layer_bwd_kernel(
   }
 }
 
-struct Encoder {
-  std::vector<at::Tensor> weight, bias;  // compute dtype, contiguous
-  Activation hidden, gate;
-
-  template <typename T>
-  EncoderParams<T> params() const {
-    EncoderParams<T> e{};
-    e.layers = static_cast<int>(weight.size());
-    e.hidden = hidden;
-    e.gate = gate;
-    for (int l = 0; l < e.layers; ++l) {
-      e.weight[l] = weight[l].data_ptr<T>();
-      e.bias[l] = bias[l].data_ptr<T>();
-      e.width[l] = weight[l].size(0);
-    }
-    return e;
-  }
-};
-
-Encoder make_encoder(at::TensorList weights, at::TensorList biases, at::ScalarType cdtype,
-                     c10::string_view hidden_activation, c10::string_view gate_activation) {
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) <= kMaxEncoderLayers,
-              "mlp_gate: the CUDA kernels take at most ", kMaxEncoderLayers,
-              " encoder layers, got ", weights.size());
+EncoderSpec make_encoder(at::TensorList weights, at::TensorList biases, at::ScalarType cdtype,
+                         c10::string_view hidden_activation, c10::string_view gate_activation) {
   TORCH_CHECK(weights[0].is_cuda(), "mlp_gate: expected CUDA encoder parameters, got ",
               weights[0].device());
-  Encoder enc{{}, {}, parse_activation(hidden_activation), parse_activation(gate_activation)};
-  for (size_t l = 0; l < weights.size(); ++l) {
-    enc.weight.push_back(weights[l].to(cdtype).contiguous());
-    enc.bias.push_back(biases[l].to(cdtype).contiguous());
-  }
-  return enc;
+  return encoder_spec(weights, biases, hidden_activation, gate_activation, cdtype);
 }
 
 // Forward of one slab: every layer's activations (and pre-activations when pre is given).
@@ -150,11 +123,11 @@ at::Tensor mlp_gate_cuda(at::TensorList weights, at::TensorList biases, int64_t 
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto dtype = weights[0].scalar_type();
   const auto cdtype = compute_dtype(dtype);
-  const Encoder enc = make_encoder(weights, biases, cdtype, hidden_activation, gate_activation);
+  const EncoderSpec enc = make_encoder(weights, biases, cdtype, hidden_activation, gate_activation);
   const int64_t pixels = height * width, channels = weights.back().size(0);
   auto gate = at::empty({channels, pixels}, enc.weight[0].options());
   AT_DISPATCH_FLOATING_TYPES(cdtype, "mlp_gate_cuda", [&] {
-    const auto e = enc.params<scalar_t>();
+    const auto e = encoder_params<scalar_t>(enc);
     std::vector<at::Tensor> act;
     for (int64_t p0 = 0; p0 < pixels; p0 += kSlab) {
       const int64_t count = std::min(kSlab, pixels - p0);
@@ -183,7 +156,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_gate_backward_c
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto dtype = weights[0].scalar_type();
   const auto cdtype = compute_dtype(dtype);
-  const Encoder enc = make_encoder(weights, biases, cdtype, hidden_activation, gate_activation);
+  const EncoderSpec enc = make_encoder(weights, biases, cdtype, hidden_activation, gate_activation);
   const auto gg = grad_gate.to(cdtype).contiguous();
   const auto options = enc.weight[0].options();
   const int L = static_cast<int>(weights.size());
@@ -194,7 +167,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_gate_backward_c
   }
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(cdtype, "mlp_gate_backward_cuda", [&] {
-    const auto e = enc.params<scalar_t>();
+    const auto e = encoder_params<scalar_t>(enc);
     std::vector<at::Tensor> act, pre;
     for (int64_t p0 = 0; p0 < pixels; p0 += kSlab) {
       const int64_t count = std::min(kSlab, pixels - p0);

@@ -48,12 +48,6 @@ bool encoder_in_kernel(const at::Tensor& input, const at::Tensor& weight,
   return 4.0 * per_value <= conv_per_value;
 }
 
-void check_encoder_device(at::TensorList encoder_weights, const at::Tensor& input) {
-  TORCH_CHECK(!encoder_weights.empty() && encoder_weights[0].device() == input.device(),
-              "mlp_gated_conv2d: the encoder's parameters must be on the input's device (",
-              input.device(), ")");
-}
-
 std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::TensorList encoder_weights, at::TensorList encoder_biases,
@@ -61,31 +55,13 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cuda(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
     bool save_conv) {
-  TORCH_CHECK(input.dim() == 4, "mlp_gated_conv2d: expected a 4-D input (N, Cin, H, W), got ",
-              input.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
-                  dilation.size() == 2,
-              "mlp_gated_conv2d: expected a 4-D weight and two-entry stride, padding, dilation");
-  const auto [out_h, out_w] = conv_output_grid(input, weight, stride, padding, dilation);
-  check_mlp_args(encoder_weights, encoder_biases, out_h, out_w);
-  check_encoder_device(encoder_weights, input);
-  TORCH_CHECK(encoder_weights.back().size(0) == weight.size(0),
-              "mlp_gated_conv2d: the encoder gives ", encoder_weights.back().size(0),
-              " gate channels, the convolution ", weight.size(0));
-  // The convolution's checks, with a stand-in gate of the right shape (no memory).
-  check_gated_conv2d_args(
-      input, weight, bias,
-      at::empty({1, 1, 1}, input.options()).expand({weight.size(0), out_h, out_w}), stride,
-      padding, dilation, groups);
-  check_mix_args(mix_weight, mix_bias, input, weight.size(0));
+  const auto [out_h, out_w] = mlp_gated_conv2d_grid(input, weight, stride, padding, dilation);
+  check_mlp_gated_conv2d_args(input, weight, bias, encoder_weights, encoder_biases, out_h, out_w,
+                              stride, padding, dilation, groups, mix_weight, mix_bias);
   const c10::cuda::CUDAGuard guard(input.device());
   if (encoder_in_kernel(input, weight, encoder_weights, mix_weight.has_value(), groups)) {
-    EncoderSpec enc{{}, {}, parse_activation(hidden_activation),
-                    parse_activation(gate_activation)};
-    for (size_t l = 0; l < encoder_weights.size(); ++l) {
-      enc.weight.push_back(encoder_weights[l]);
-      enc.bias.push_back(encoder_biases[l]);
-    }
+    const EncoderSpec enc = encoder_spec(encoder_weights, encoder_biases, hidden_activation,
+                                         gate_activation, at::kFloat);
     return gated_conv2d_encoder_cuda(input, weight, bias, enc, stride, padding, dilation, groups,
                                      save_conv);
   }
