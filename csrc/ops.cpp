@@ -117,6 +117,19 @@ std::pair<int64_t, int64_t> check_gated_conv2d_args(
   return {out_h, out_w};
 }
 
+void check_gated_backward_shapes(const at::Tensor& grad_out, const at::Tensor& conv_out,
+                                 const at::Tensor& input, const at::Tensor& weight,
+                                 int64_t out_h, int64_t out_w) {
+  const std::vector<int64_t> shape{input.size(0), weight.size(0), out_h, out_w};
+  const at::IntArrayRef out_shape(shape);
+  TORCH_CHECK(grad_out.sizes() == out_shape,
+              "gated_conv2d_backward: expected grad_out of shape ", out_shape, ", got ",
+              grad_out.sizes());
+  TORCH_CHECK(conv_out.numel() == 0 || conv_out.sizes() == out_shape,
+              "gated_conv2d_backward: expected conv_out of shape ", out_shape,
+              " or empty (recompute), got ", conv_out.sizes());
+}
+
 std::pair<int64_t, int64_t> conv_output_grid(const at::Tensor& input, const at::Tensor& weight,
                                              at::IntArrayRef stride, at::IntArrayRef padding,
                                              at::IntArrayRef dilation) {

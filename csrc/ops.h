@@ -29,6 +29,12 @@ std::pair<int64_t, int64_t> check_gated_conv2d_args(
     const at::Tensor& gate, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups);
 
+// The gradient of the gated output and the saved convolution given to a backward kernel:
+// both (N, C, Ho, Wo), conv_out possibly empty (recompute).
+void check_gated_backward_shapes(const at::Tensor& grad_out, const at::Tensor& conv_out,
+                                 const at::Tensor& input, const at::Tensor& weight,
+                                 int64_t out_h, int64_t out_w);
+
 // (Ho, Wo) of the convolution of a 4-D input by a 4-D weight; raises if it would be empty.
 std::pair<int64_t, int64_t> conv_output_grid(const at::Tensor& input, const at::Tensor& weight,
                                              at::IntArrayRef stride, at::IntArrayRef padding,

@@ -229,15 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
       check_gated_conv2d_args(input, weight, bias, gate, stride, padding, dilation, groups);
   // The kernels call ATen ops: keep them off the autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_gated_backward_shapes(grad_out, conv_out, input, weight, out_h, out_w);
   const int64_t N = input.size(0), C = weight.size(0), P = out_h * out_w;
-  const std::vector<int64_t> out_shape_vec{N, C, out_h, out_w};
-  const at::IntArrayRef out_shape(out_shape_vec);
-  TORCH_CHECK(grad_out.sizes() == out_shape,
-              "gated_conv2d_backward: expected grad_out of shape ", out_shape, ", got ",
-              grad_out.sizes());
-  TORCH_CHECK(conv_out.numel() == 0 || conv_out.sizes() == out_shape,
-              "gated_conv2d_backward: expected conv_out of shape ", out_shape,
-              " or empty (recompute), got ", conv_out.sizes());
   const auto dtype = input.scalar_type();
   const auto cdtype = compute_dtype(dtype);
   const auto fmt = output_memory_format(input);

@@ -513,13 +513,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 4> mask) {
   const auto geo = conv_geometry(input, weight, stride, padding, dilation, groups);
-  const std::vector<int64_t> out_shape{geo.batch, geo.channels, geo.out_h, geo.out_w};
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape),
-              "gated_conv2d_backward: expected grad_out of shape ", at::IntArrayRef(out_shape),
-              ", got ", grad_out.sizes());
-  TORCH_CHECK(conv_out.numel() == 0 || conv_out.sizes() == at::IntArrayRef(out_shape),
-              "gated_conv2d_backward: expected conv_out of shape ", at::IntArrayRef(out_shape),
-              " or empty (recompute), got ", conv_out.sizes());
+  check_gated_backward_shapes(grad_out, conv_out, input, weight, geo.out_h, geo.out_w);
   const auto dtype = input.scalar_type();
   const auto acc_dtype = compute_dtype(dtype);
   const auto fmt = output_memory_format(input);
