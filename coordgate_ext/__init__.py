@@ -9,7 +9,14 @@ from . import ops  # noqa: F401  (registers the operators)
 from . import physics, reference
 from .functional import coordgate_conv2d, mlp_gate
 from .nn import CoordGate, FusedCoordGateBlock2d, FusedCoordGateConv1d, FusedCoordGateConv2d
-from .ops._library import cpu_cache_bytes, cpu_engine, empty_cpu_cache, set_cpu_engine
+from .ops._library import (
+    cpu_band_bytes,
+    cpu_cache_bytes,
+    cpu_engine,
+    empty_cpu_cache,
+    set_cpu_band_bytes,
+    set_cpu_engine,
+)
 from .ops.dispatch import BackendUnavailableError, available_backends
 
 __all__ = [
@@ -27,6 +34,8 @@ __all__ = [
     "cpu_cache_bytes",
     "set_cpu_engine",
     "cpu_engine",
+    "set_cpu_band_bytes",
+    "cpu_band_bytes",
 ]
 
 __version__ = "0.1.0"

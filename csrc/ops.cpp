@@ -415,10 +415,29 @@ PyObject* cpu_engine(PyObject*, PyObject*) {
   return PyUnicode_FromString(kEngineNames[static_cast<int>(coordgate::cpu_engine())]);
 }
 
+PyObject* set_cpu_band_bytes(PyObject*, PyObject* arg) {
+  const long long bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  if (bytes < 1) {
+    PyErr_Format(PyExc_ValueError, "cpu band bytes must be at least 1, got %lld", bytes);
+    return nullptr;
+  }
+  coordgate::set_cpu_band_bytes(bytes);
+  Py_RETURN_NONE;
+}
+
+PyObject* cpu_band_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(coordgate::cpu_band_bytes());
+}
+
 PyMethodDef module_methods[] = {
     {"set_cpu_engine", set_cpu_engine, METH_O,
      "Chooses how the CPU kernels convolve: 'auto', 'aten' or 'implicit_gemm'."},
     {"cpu_engine", cpu_engine, METH_NOARGS, "The CPU kernels' convolution engine."},
+    {"set_cpu_band_bytes", set_cpu_band_bytes, METH_O,
+     "Output bytes per band of the ATen engine's banded convolution."},
+    {"cpu_band_bytes", cpu_band_bytes, METH_NOARGS,
+     "Output bytes per band of the ATen engine's banded convolution."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
      "Frees the host buffers cached for the CPU kernels' large outputs."},
     {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS,

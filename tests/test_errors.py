@@ -177,6 +177,18 @@ def test_cpu_engine_errors():
     assert cg.cpu_engine() == "auto"
 
 
+def test_cpu_band_bytes_errors():
+    default = cg.cpu_band_bytes()
+    assert default == 2 << 20
+    with pytest.raises(ValueError, match="cpu band bytes must be at least 1, got 0"):
+        cg.set_cpu_band_bytes(0)
+    with pytest.raises(TypeError, match="cpu band bytes must be an int, got float"):
+        cg.set_cpu_band_bytes(1.5)
+    with pytest.raises(ValueError, match="cpu band bytes must be at least 1, got -3"):
+        cg.ops._library._C.set_cpu_band_bytes(-3)
+    assert cg.cpu_band_bytes() == default
+
+
 @pytest.mark.parametrize("engine", ["aten", "implicit_gemm"])
 @pytest.mark.parametrize("overrides,message", OP_ERRORS, ids=[m for _, m in OP_ERRORS])
 def test_op_errors_under_each_cpu_engine(engine, overrides, message):

@@ -19,6 +19,7 @@ from conftest import assert_close, assert_low_precision
 # which mixes them per call), and the CUDA kernels on CUDA tensors where a GPU is present.
 FUSED_BACKENDS = [
     "cpu-aten",
+    "cpu-aten_rows",
     "cpu-implicit_gemm",
     "cpu-auto",
     pytest.param("cuda", marks=pytest.mark.skipif(
@@ -33,12 +34,19 @@ def backend(request):
         yield "cuda"
         return
     name, engine = request.param.split("-", 1)
-    previous = cg.cpu_engine()
+    previous, previous_band = cg.cpu_engine(), cg.cpu_band_bytes()
+    if engine == "aten_rows":
+        # The ATen engine with bands of one output row of one sample: every band's input
+        # halo, its zero padding at the image's edges, strides and dilations go through the
+        # row-band path that large images take.
+        engine = "aten"
+        cg.set_cpu_band_bytes(1)
     cg.set_cpu_engine(engine)
     try:
         yield name
     finally:
         cg.set_cpu_engine(previous)
+        cg.set_cpu_band_bytes(previous_band)
 
 
 def _device(backend: str) -> str:
@@ -55,6 +63,7 @@ GEOMETRIES = [
     (3, 4, 6, 9, 10, 3, (2, 1), (1, 2), (2, 1), 2, True, "zeros"),
     (1, 6, 6, 9, 7, 3, 1, 1, 1, 6, True, "zeros"),
     (3, 4, 8, 12, 9, 5, 2, 2, 1, 2, False, "zeros"),
+    (2, 3, 4, 5, 7, 3, 1, (4, 1), 1, 1, True, "zeros"),  # rows that read only the padding
     (1, 3, 4, 10, 9, 5, 1, "same", 1, 1, True, "zeros"),
     (2, 3, 4, 10, 9, 3, 1, "same", 2, 1, True, "reflect"),
     (2, 3, 4, 8, 9, (2, 4), 1, "same", 1, 1, True, "zeros"),

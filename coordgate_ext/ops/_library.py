@@ -63,6 +63,26 @@ def cpu_engine() -> str:
     return _C.cpu_engine()
 
 
+def set_cpu_band_bytes(nbytes: int) -> None:
+    """Output bytes per band of the "aten" engine: it calls ATen's convolution on a few samples
+    or a few output rows at a time and gates each band while it is in cache (default 2 MiB,
+    measured best on the benchmark shapes; 1 makes every band one output row). Process-wide."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"cpu band bytes must be an int, got {type(nbytes).__name__}")
+    if nbytes < 1:
+        raise ValueError(f"cpu band bytes must be at least 1, got {nbytes}")
+    if not loaded():
+        raise RuntimeError(LOAD_ERROR)
+    _C.set_cpu_band_bytes(nbytes)
+
+
+def cpu_band_bytes() -> int:
+    """Output bytes per band of the "aten" engine's banded convolution (see set_cpu_band_bytes)."""
+    if not loaded():
+        raise RuntimeError(LOAD_ERROR)
+    return _C.cpu_band_bytes()
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether coordgate_ext::op has a kernel registered for dispatch_key ("CPU", "CUDA")."""
     if not loaded():

@@ -36,6 +36,13 @@ constexpr int64_t kImplicitGemmMinChannels = 16;
 bool implicit_gemm_forward_for(at::ScalarType compute_dtype, const ConvGeometry& g);
 bool implicit_gemm_backward_for(at::ScalarType compute_dtype);
 
+// Output bytes per band of the ATen engine's banded convolution (see gated_conv2d.cpp);
+// default kDefaultBandBytes. Set with coordgate_ext.set_cpu_band_bytes (>= 1; 1 makes every
+// band one output row of one sample, which the tests use to cover the row bands).
+constexpr int64_t kDefaultBandBytes = 2 << 20;
+void set_cpu_band_bytes(int64_t bytes);
+int64_t cpu_band_bytes();
+
 // Where the implicit GEMM's backward writes; an undefined tensor is a gradient not asked
 // for. input: like the input (zero padding needs no initialisation: every element is
 // written); weight_parts (implicit_gemm_tiles, C/groups, K) and bias_parts
