@@ -43,7 +43,12 @@ def _fused_backends(device: str) -> list[str]:
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
-PROVIDERS = ["bare_conv", "reference", "compiled_reference"] + _fused_backends(DEVICE)
+FUSED = _fused_backends(DEVICE)
+PROVIDERS = ["bare_conv", "reference", "compiled_reference"] + FUSED
+# (provider, mode): every provider in every mode, and each fused backend with recompute=True
+# (the ungated convolution recomputed in backward instead of saved) where something is saved.
+CASES = [(p, m) for p in PROVIDERS for m in MODES] + [
+    (f"{b}+recompute", m) for b in FUSED for m in MODES if m != "eval_fwd"]
 
 
 def _case_id(shape, dtype=torch.float32):
@@ -79,9 +84,10 @@ def _runner(provider, mode, shape, dtype):
     layer, x = _make(shape, dtype, "reference")
     if mode == "eval_fwd":
         layer.eval()
-    if provider in PROVIDERS[3:]:
+    if provider.split("+")[0] in FUSED:
         model = copy.deepcopy(layer)
-        model.backend = provider
+        model.backend = provider.split("+")[0]
+        model.recompute = provider.endswith("+recompute")
         with torch.no_grad():
             tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
             torch.testing.assert_close(model(x), layer(x), **tol)
@@ -110,8 +116,7 @@ def _runner(provider, mode, shape, dtype):
     return run
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize(("provider", "mode"), CASES, ids=[f"{p}-{m}" for p, m in CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_case_id)
 def test_gated_conv2d(benchmark, record_median, record_paired, record_model, shape, dtype, provider, mode):
@@ -164,7 +169,7 @@ def test_saved_for_backward(record_saved_bytes, shape):
     layer, x = _make(shape, torch.float32, "reference")
     x.requires_grad_()
     record_saved_bytes(_case_id(shape), "reference", _saved_bytes(layer, x))
-    for backend in PROVIDERS[3:]:
+    for backend in FUSED:
         fused = copy.deepcopy(layer)
         fused.backend = backend
         record_saved_bytes(_case_id(shape), backend, _saved_bytes(fused, x))

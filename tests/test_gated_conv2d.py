@@ -160,6 +160,42 @@ def test_geometry_matches_reference(backend, layout, geometry):
     _check_layer(fused, ref, x, dtype)
 
 
+# (N, Cin, C, H, W, kernel, stride, padding, dilation, groups): strides that skip input rows
+# (k=1, stride 3), halos shared by neighbouring row bands, dilation and groups.
+BAND_GEOMETRIES = [
+    (5, 3, 4, 10, 7, 3, 1, 1, 1, 1),
+    (3, 3, 4, 11, 7, 1, 3, 0, 1, 1),
+    (3, 4, 6, 12, 9, 3, 2, 1, 1, 2),
+    (2, 3, 4, 13, 8, 3, 1, 2, 2, 1),
+]
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("bands", ["two_samples", "three_rows"])
+@pytest.mark.parametrize("geometry", BAND_GEOMETRIES, ids=lambda g: "-".join(map(str, g)))
+def test_bands_match_reference(geometry, bands, layout, recompute):
+    """The ATen engine's bands: several whole samples to a band (the last one short), and
+    bands of three output rows; forward and every gradient, saved and recomputed."""
+    n, cin, c, h, w, kernel, stride, padding, dilation, groups = geometry
+    dtype = torch.float64
+    fused, ref = _twins("cpu", dtype, cin, c, kernel, stride, padding, dilation, groups, True,
+                        "zeros")
+    fused.recompute = recompute
+    x = _make_input((n, cin, h, w), layout, dtype)
+    out_h = (h + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    out_w = (w + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    row_bytes = c * out_w * x.element_size()
+    previous_engine, previous_band = cg.cpu_engine(), cg.cpu_band_bytes()
+    cg.set_cpu_engine("aten")
+    cg.set_cpu_band_bytes(2 * out_h * row_bytes if bands == "two_samples" else 3 * row_bytes)
+    try:
+        _check_layer(fused, ref, x, dtype)
+    finally:
+        cg.set_cpu_engine(previous_engine)
+        cg.set_cpu_band_bytes(previous_band)
+
+
 @pytest.mark.parametrize("encoder", ENCODERS, ids=lambda e: "-".join(map(str, e)))
 def test_encoder_matches_reference(backend, encoder):
     dtype = torch.float64

@@ -65,34 +65,41 @@ std::vector<Band> output_bands(const ConvGeometry& g, int64_t element_size) {
   return bands;
 }
 
-// ATen's convolution of one band: (n1 - n0, C, r1 - r0, Wo) in the layout fmt. A band of rows
-// reads its input rows with their halo; where that reaches into the zero padding, the band's
-// input is padded explicitly (a band-sized copy).
-at::Tensor band_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-                     const ConvGeometry& g, const Band& band, at::MemoryFormat fmt) {
+// The input of one band: the rows of x its output rows read, with their halo, and the
+// padding to convolve them with. Where the rows reach into the zero padding they are padded
+// explicitly (a band-sized copy). Rows [start, end) of x are rows [offset, offset + end -
+// start) of `rows`.
+struct BandInput {
+  at::Tensor rows;
+  int64_t start, end, offset;
+  std::array<int64_t, 2> padding;
+};
+
+BandInput band_input(const at::Tensor& x, const ConvGeometry& g, const Band& band,
+                     at::MemoryFormat fmt) {
   const auto xb = x.narrow(0, band.n0, band.n1 - band.n0);
-  const std::array<int64_t, 2> stride{g.stride_h, g.stride_w}, dilation{g.dilation_h, g.dilation_w};
-  if (band.r0 == 0 && band.r1 == g.out_h) {
-    return at::convolution(xb, w, b, stride, {g.pad_h, g.pad_w}, dilation, false, {0, 0},
-                           g.groups)
-        .contiguous(fmt);
-  }
+  if (band.r0 == 0 && band.r1 == g.out_h) return {xb, 0, g.height, 0, {g.pad_h, g.pad_w}};
   // Input rows [lo, hi) feed output rows [r0, r1); those outside [0, H) are zero padding.
   const int64_t lo = conv_input_index(band.r0, 0, g.stride_h, g.dilation_h, g.pad_h);
   const int64_t hi =
       conv_input_index(band.r1 - 1, g.kernel_h - 1, g.stride_h, g.dilation_h, g.pad_h) + 1;
   const int64_t start = std::max<int64_t>(lo, 0), end = std::min(hi, g.height);
-  at::Tensor rows;
   if (start >= end) {
     // Every row the band reads is padding.
     auto sizes = xb.sizes().vec();
     sizes[2] = hi - lo;
-    rows = at::zeros(sizes, xb.options()).contiguous(fmt);
-  } else {
-    rows = xb.narrow(2, start, end - start);
-    if (start > lo || hi > end) rows = at::constant_pad_nd(rows, {0, 0, start - lo, hi - end});
+    return {at::zeros(sizes, xb.options()).contiguous(fmt), 0, 0, 0, {0, g.pad_w}};
   }
-  return at::convolution(rows, w, b, stride, {0, g.pad_w}, dilation, false, {0, 0}, g.groups)
+  auto rows = xb.narrow(2, start, end - start);
+  if (start > lo || hi > end) rows = at::constant_pad_nd(rows, {0, 0, start - lo, hi - end});
+  return {rows, start, end, start - lo, {0, g.pad_w}};
+}
+
+// ATen's convolution of one band: (n1 - n0, C, r1 - r0, Wo) in the layout fmt.
+at::Tensor band_conv(const BandInput& in, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                     const ConvGeometry& g, at::MemoryFormat fmt) {
+  return at::convolution(in.rows, w, b, {g.stride_h, g.stride_w}, in.padding,
+                         {g.dilation_h, g.dilation_w}, false, {0, 0}, g.groups)
       .contiguous(fmt);
 }
 
@@ -100,7 +107,9 @@ at::Tensor band_conv(const at::Tensor& x, const at::Tensor& w, const std::option
 template <typename Visit>
 void for_each_band(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                    const ConvGeometry& g, at::MemoryFormat fmt, Visit&& visit) {
-  for (const Band& band : output_bands(g, x.element_size())) visit(band, band_conv(x, w, b, g, band, fmt));
+  for (const Band& band : output_bands(g, x.element_size())) {
+    visit(band, band_conv(band_input(x, g, band, fmt), w, b, g, fmt));
+  }
 }
 
 // Offsets of (n, c, first row of the band) in a full (N, C, Ho, Wo) tensor and in the band's
@@ -169,13 +178,14 @@ void gate_band_kernel(const T* yb, const T* gate, T* out, T* y_save, const BandL
 }
 
 // The backward gate pass of one band: dy = dout * gate (if dy != nullptr) and
-// dgate (+)= sum_{n in band} dout * yb (if dgate != nullptr; assigned for n == 0, so every
-// element is written when the bands cover the output). yb is the band's convolution, dout,
-// dy the full tensors; layouts as in gate_band_kernel; dgate has the gate's layout. Each
-// dgate element is summed over n by one thread in a fixed order.
+// dgate (+)= sum_{n in band} dout * y (if dgate != nullptr; assigned for n == 0, so every
+// element is written when the bands cover the output). dout is the full tensor; y and dy are
+// the full tensors or, where y_local / dy_local, the band's own; layouts as in
+// gate_band_kernel; dgate has the gate's layout. Each dgate element is summed over n by one
+// thread in a fixed order.
 template <typename T>
-void gate_backward_band_kernel(const T* dout, const T* yb, const T* gate, T* dy, T* dgate,
-                               const BandLayout& L, bool channels_last) {
+void gate_backward_band_kernel(const T* dout, const T* y, bool y_local, const T* gate, T* dy,
+                               bool dy_local, T* dgate, const BandLayout& L, bool channels_last) {
   const int64_t C = L.C, P = L.Ho * L.Wo, len = L.rows() * L.Wo;
   if (!channels_last) {
     const int64_t blocks = (len + kPixelBlock - 1) / kPixelBlock;
@@ -186,14 +196,14 @@ void gate_backward_band_kernel(const T* dout, const T* yb, const T* gate, T* dy,
         const int64_t p1 = std::min(len, p0 + kPixelBlock);
         const T* g = gate + c * P + L.band.r0 * L.Wo;
         for (int64_t n = L.band.n0; n < L.band.n1; ++n) {
-          const int64_t base = L.full_nchw(n, c);
-          const T* d = dout + base;
+          const int64_t full = L.full_nchw(n, c), local = L.local_nchw(n, c);
+          const T* d = dout + full;
           if (dy != nullptr) {
-            T* dyk = dy + base;
+            T* dyk = dy + (dy_local ? local : full);
             for (int64_t p = p0; p < p1; ++p) dyk[p] = d[p] * g[p];
           }
           if (dgate != nullptr) {
-            const T* yk = yb + L.local_nchw(n, c);
+            const T* yk = y + (y_local ? local : full);
             T* dg = dgate + c * P + L.band.r0 * L.Wo;
             if (n == 0) {
               for (int64_t p = p0; p < p1; ++p) dg[p] = d[p] * yk[p];
@@ -210,14 +220,14 @@ void gate_backward_band_kernel(const T* dout, const T* yb, const T* gate, T* dy,
       for (int64_t p = begin; p < end; ++p) {
         const T* g = gate + (L.band.r0 * L.Wo + p) * C;
         for (int64_t n = L.band.n0; n < L.band.n1; ++n) {
-          const int64_t base = L.full_nhwc(n) + p * C;
-          const T* d = dout + base;
+          const int64_t full = L.full_nhwc(n) + p * C, local = L.local_nhwc(n) + p * C;
+          const T* d = dout + full;
           if (dy != nullptr) {
-            T* dyk = dy + base;
+            T* dyk = dy + (dy_local ? local : full);
             for (int64_t c = 0; c < C; ++c) dyk[c] = d[c] * g[c];
           }
           if (dgate != nullptr) {
-            const T* yk = yb + L.local_nhwc(n) + p * C;
+            const T* yk = y + (y_local ? local : full);
             T* dg = dgate + (L.band.r0 * L.Wo + p) * C;
             if (n == 0) {
               for (int64_t c = 0; c < C; ++c) dg[c] = d[c] * yk[c];
@@ -229,6 +239,25 @@ void gate_backward_band_kernel(const T* dout, const T* yb, const T* gate, T* dy,
       }
     });
   }
+}
+
+// Adds a row band's input gradient gi (the gradient of in.rows) into sample n of
+// grad_input. A sample's bands come in order, and `written` is how far its rows are written:
+// the band's rows below it (the halo shared with the previous band) are added, the rest
+// copied, and rows that no band reads (skipped by the stride) zeroed.
+void scatter_band_input_grad(at::Tensor& grad_input, const at::Tensor& gi, int64_t n,
+                             const BandInput& in, int64_t& written) {
+  if (in.start >= in.end) return;
+  auto dst = grad_input.narrow(0, n, 1);
+  if (in.start > written) dst.narrow(2, written, in.start - written).zero_();
+  const int64_t shared = std::min(written, in.end) - in.start;
+  if (shared > 0) dst.narrow(2, in.start, shared).add_(gi.narrow(2, in.offset, shared));
+  const int64_t from = std::max(in.start, written);
+  if (in.end > from) {
+    dst.narrow(2, from, in.end - from)
+        .copy_(gi.narrow(2, in.offset + from - in.start, in.end - from));
+  }
+  written = std::max(written, in.end);
 }
 
 // The gate laid out as the kernels above read it: (C, P) for NCHW, (P, C) for channels_last.
@@ -352,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
   // The kernels call ATen ops: keep them off the autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_gated_backward_shapes(grad_out, conv_out, input, weight, out_h, out_w);
-  const int64_t N = input.size(0), C = weight.size(0), P = out_h * out_w;
+  const int64_t C = weight.size(0), P = out_h * out_w;
   const auto dtype = input.scalar_type();
   const auto cdtype = compute_dtype(dtype);
   const auto fmt = output_memory_format(input);
@@ -366,57 +395,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
     return implicit_gemm_backward_cpu(grad_out, x, w, b, gate, conv_out, stride, padding,
                                       dilation, groups, output_mask, dtype, fmt);
   }
-  at::Tensor dy, dgate;
-  const auto dout = grad_out.to(cdtype).contiguous(fmt);
-  if (need_conv_grads) dy = empty_cached(dout.sizes(), cdtype, fmt);
-  if (output_mask[3]) {
-    dgate = channels_last ? empty_cached({P, C}, cdtype, at::MemoryFormat::Contiguous)
-                          : empty_cached({C, P}, cdtype, at::MemoryFormat::Contiguous);
-    if (N == 0) dgate.zero_();
-  }
-  const auto g = gate_layout(gate, cdtype, channels_last);
-  AT_DISPATCH_FLOATING_TYPES(cdtype, "gated_conv2d_backward_cpu", [&] {
-    auto pass = [&](const Band& band, const scalar_t* yb) {
-      gate_backward_band_kernel<scalar_t>(
-          dout.data_ptr<scalar_t>(), yb, g.data_ptr<scalar_t>(),
-          dy.defined() ? dy.data_ptr<scalar_t>() : nullptr,
-          dgate.defined() ? dgate.data_ptr<scalar_t>() : nullptr,
-          BandLayout{C, out_h, out_w, band}, channels_last);
-    };
-    if (output_mask[3] && conv_out.numel() == 0) {
-      // y recomputed band by band, each band used while it is in cache.
-      const auto geo = conv_geometry(x, w, stride, padding, dilation, groups);
-      for_each_band(x, w, b, geo, fmt, [&](const Band& band, const at::Tensor& yb) {
-        pass(band, yb.data_ptr<scalar_t>());
-      });
-    } else {
-      const auto y = output_mask[3] ? conv_out.to(cdtype).contiguous(fmt) : at::Tensor();
-      pass(Band{0, N, 0, out_h}, y.defined() ? y.data_ptr<scalar_t>() : nullptr);
-    }
-  });
-
   // Gradients that were not asked for come back empty (each its own tensor: outputs of an
   // operator never alias one another).
   at::Tensor grad_input = at::empty({0}, input.options());
   at::Tensor grad_weight = at::empty({0}, input.options());
   at::Tensor grad_bias = at::empty({0}, input.options());
   at::Tensor grad_gate = at::empty({0}, input.options());
-  if (need_conv_grads) {
-    const std::array<bool, 3> mask{output_mask[0], output_mask[1], output_mask[2] && bias};
-    if (N == 0) {
-      // ATen's convolution backward does not take an empty batch; its gradients are zero.
-      if (mask[0]) grad_input = at::zeros_like(input, fmt);
-      if (mask[1]) grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
-      if (mask[2]) grad_bias = at::zeros({C}, input.options());
-    } else {
-      const std::optional<at::IntArrayRef> bias_sizes =
-          bias ? std::optional<at::IntArrayRef>(bias->sizes()) : std::nullopt;
-      auto [gi, gw, gb] = at::convolution_backward(dy, x, w, bias_sizes, stride, padding,
-                                                   dilation, false, {0, 0}, groups, mask);
-      if (mask[0]) grad_input = gi.to(dtype).contiguous(fmt);
-      if (mask[1]) grad_weight = gw.to(dtype).contiguous();
-      if (mask[2]) grad_bias = gb.to(dtype).contiguous();
+  const std::array<bool, 3> mask{output_mask[0], output_mask[1], output_mask[2] && bias.has_value()};
+  const auto geo = conv_geometry(x, w, stride, padding, dilation, groups);
+  // Band by band, each band's dy = dout * gate (and y, when recomputed) used while it is in
+  // cache by ATen's convolution backward; the weight and bias gradients are the bands' sums,
+  // added in band order.
+  const auto bands = output_bands(geo, x.element_size());
+  at::Tensor dgate;
+  if (output_mask[3]) {
+    dgate = channels_last ? empty_cached({P, C}, cdtype, at::MemoryFormat::Contiguous)
+                          : empty_cached({C, P}, cdtype, at::MemoryFormat::Contiguous);
+    if (bands.empty()) dgate.zero_();
+  }
+  if (bands.empty() && need_conv_grads) {
+    // ATen's convolution backward does not take an empty batch; its gradients are zero.
+    if (mask[0]) grad_input = at::zeros_like(input, fmt);
+    if (mask[1]) grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+    if (mask[2]) grad_bias = at::zeros({C}, input.options());
+  }
+  const auto dout = grad_out.to(cdtype).contiguous(fmt);
+  const bool recompute = output_mask[3] && conv_out.numel() == 0;
+  const auto y = output_mask[3] && !recompute ? conv_out.to(cdtype).contiguous(fmt) : at::Tensor();
+  const auto g = gate_layout(gate, cdtype, channels_last);
+  const std::optional<at::IntArrayRef> bias_sizes =
+      bias ? std::optional<at::IntArrayRef>(bias->sizes()) : std::nullopt;
+  at::Tensor gx, gw_sum, gb_sum;
+  int64_t sample = -1, written = 0;  // the row bands' sample, and its rows written in gx
+  auto finish_sample = [&] {
+    if (gx.defined() && sample >= 0 && written < geo.height) {
+      gx.narrow(0, sample, 1).narrow(2, written, geo.height - written).zero_();
     }
+  };
+  AT_DISPATCH_FLOATING_TYPES(cdtype, "gated_conv2d_backward_cpu", [&] {
+    for (const Band& band : bands) {
+      const bool whole_rows = band.r0 == 0 && band.r1 == out_h;
+      const BandInput in = band_input(x, geo, band, fmt);
+      const auto yb = recompute ? band_conv(in, w, b, geo, fmt) : at::Tensor();
+      const at::Tensor dyb =
+          need_conv_grads
+              ? empty_cached({band.n1 - band.n0, C, band.r1 - band.r0, out_w}, cdtype, fmt)
+              : at::Tensor();
+      gate_backward_band_kernel<scalar_t>(
+          dout.data_ptr<scalar_t>(),
+          recompute ? yb.data_ptr<scalar_t>() : (y.defined() ? y.data_ptr<scalar_t>() : nullptr),
+          recompute, g.data_ptr<scalar_t>(),
+          dyb.defined() ? dyb.data_ptr<scalar_t>() : nullptr, true,
+          dgate.defined() ? dgate.data_ptr<scalar_t>() : nullptr,
+          BandLayout{C, out_h, out_w, band}, channels_last);
+      if (!need_conv_grads) continue;
+      auto [gi, gw, gb] = at::convolution_backward(dyb, in.rows, w, bias_sizes, stride,
+                                                   in.padding, dilation, false, {0, 0}, groups,
+                                                   mask);
+      if (mask[1]) gw_sum = gw_sum.defined() ? gw_sum.add_(gw) : gw;
+      if (mask[2]) gb_sum = gb_sum.defined() ? gb_sum.add_(gb) : gb;
+      if (!mask[0]) continue;
+      if (whole_rows) {
+        if (bands.size() == 1) {
+          gx = gi;
+        } else {
+          if (!gx.defined()) gx = empty_cached(x.sizes(), cdtype, fmt);
+          gx.narrow(0, band.n0, band.n1 - band.n0).copy_(gi);
+        }
+        continue;
+      }
+      if (!gx.defined()) gx = empty_cached(x.sizes(), cdtype, fmt);
+      if (band.n0 != sample) {
+        finish_sample();
+        sample = band.n0;
+        written = 0;
+      }
+      scatter_band_input_grad(gx, gi, band.n0, in, written);
+    }
+  });
+  finish_sample();
+  if (!bands.empty() && need_conv_grads) {
+    if (mask[0]) grad_input = gx.to(dtype).contiguous(fmt);
+    if (mask[1]) grad_weight = gw_sum.to(dtype).contiguous();
+    if (mask[2]) grad_bias = gb_sum.to(dtype).contiguous();
   }
   if (output_mask[3]) {
     auto dg = channels_last ? dgate.t().reshape({C, out_h, out_w}) : dgate.view({C, out_h, out_w});
