@@ -392,13 +392,3 @@ def test_large_outputs_from_reused_buffers(layout):
     assert cg.cpu_cache_bytes() == 0
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("recompute", [False, True])
-def test_auto_engine_small_reduction_float32(layout, recompute):
-    """float32 with K = Cin * kh * kw <= 64 and 16 channels: "auto" convolves the forward by the
-    implicit GEMM and backward by ATen, which reads the convolution the implicit GEMM saved."""
-    assert cg.cpu_engine() == "auto"
-    fused, ref = _twins("cpu", torch.float32, 3, 16, 3, 1, 1, 1, 1, True, "zeros")
-    fused.recompute = recompute
-    x = _make_input((2, 3, 19, 23), layout, torch.float32)
-    _check_layer(fused, ref, x, torch.float32)

@@ -339,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
   const auto fmt = output_memory_format(input);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const auto geo = conv_geometry(input, weight, stride, padding, dilation, groups);
-  if (implicit_gemm_forward_for(cdtype, geo)) {
+  if (implicit_gemm_forward_for(cdtype)) {
     const std::vector<int64_t> shape{geo.batch, geo.channels, geo.out_h, geo.out_w};
     auto out = empty_cached(shape, cdtype, fmt);
     auto y = save_conv ? empty_cached(shape, cdtype, fmt) : at::Tensor();

@@ -289,10 +289,8 @@ bool implicit_gemm_for(bool auto_choice) {
 
 }  // namespace
 
-bool implicit_gemm_forward_for(at::ScalarType compute_dtype, const ConvGeometry& g) {
-  return implicit_gemm_for(compute_dtype == at::kDouble ||
-                           (g.reduction() <= kImplicitGemmMaxK &&
-                            g.out_per_group() >= kImplicitGemmMinChannels));
+bool implicit_gemm_forward_for(at::ScalarType compute_dtype) {
+  return implicit_gemm_for(compute_dtype == at::kDouble);
 }
 
 bool implicit_gemm_backward_for(at::ScalarType compute_dtype) {

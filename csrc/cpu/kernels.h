@@ -22,18 +22,15 @@ enum class CpuEngine : int { kAuto = 0, kAten = 1, kImplicitGemm = 2 };
 void set_cpu_engine(CpuEngine engine);
 CpuEngine cpu_engine();
 
-// Whether a forward (backward) runs the implicit GEMM. kAuto takes it for float64 (oneDNN
-// has no float64 kernels; ATen's float64 convolution is a slow im2col anyway) and, for the
-// forward, where the reduction K = Cin/groups * kh * kw is at most kImplicitGemmMaxK and a
-// group has at least kImplicitGemmMinChannels output channels: there oneDNN's direct
-// convolution is memory-bound and the implicit GEMM, writing the gated output tile by tile
-// while it is in cache, is faster. Measured here, float32, the gated op with the ungated
-// convolution saved, over the bare F.conv2d: C >= 32: K = 3, 9, 27, 36 at 0.4-0.7x (ATen
-// engine 1.1x), K = 72 at 0.73x, K = 144 at 0.96x, K = 288 at 1.7x; C = 16: K = 9 at 0.72x,
-// K = 27 at 1.04x (ATen engine 1.16-1.17x); C = 8, K = 27: 1.44x (ATen engine 1.09x).
-constexpr int64_t kImplicitGemmMaxK = 64;
-constexpr int64_t kImplicitGemmMinChannels = 16;
-bool implicit_gemm_forward_for(at::ScalarType compute_dtype, const ConvGeometry& g);
+// Whether a forward (backward) runs the implicit GEMM. kAuto takes it for float64 only (oneDNN
+// has no float64 kernels; ATen's float64 convolution is a slow im2col anyway). In float32 the
+// ATen engine's banded convolution was faster on every shape measured, including the small
+// reductions (K = Cin/groups * kh * kw <= 64) where the implicit GEMM used to win over the
+// unbanded one: paired ratio to the bare F.conv2d, training forward / eval forward, implicit
+// GEMM vs banded ATen: 4, 4->32, 256x256: 0.92-0.96 / 0.75-0.80 vs 0.39-0.41 / 0.28-0.29;
+// 2, 3->64, 512x512: 0.61-0.62 / 0.39-0.40 vs 0.51-0.52 / 0.27-0.28; 8, 1->64, 128x128:
+// 0.58-0.60 / 0.36 vs 0.30-0.31 / 0.22-0.23; 2, 7->16, 256x256: 6.5-6.7 / 5.6 vs 2.0 / 1.4.
+bool implicit_gemm_forward_for(at::ScalarType compute_dtype);
 bool implicit_gemm_backward_for(at::ScalarType compute_dtype);
 
 // Output bytes per band of the ATen engine's banded convolution (see gated_conv2d.cpp);
