@@ -125,6 +125,20 @@ struct BandLayout {
   int64_t local_nhwc(int64_t n) const { return (n - band.n0) * rows() * Wo * C; }
 };
 
+// out[i] = src[i] * gate[i] and, if y_save, y_save[i] = src[i], for i < len.
+template <typename T>
+inline void gate_run(const T* src, const T* gate, T* out, T* y_save, int64_t len) {
+  if (y_save != nullptr) {
+    for (int64_t i = 0; i < len; ++i) {
+      const T v = src[i];
+      y_save[i] = v;
+      out[i] = v * gate[i];
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i) out[i] = src[i] * gate[i];
+  }
+}
+
 // The forward gate pass of one band: out = yb * gate and, if y_save, y_save = yb, at the
 // band's place. yb is the band's convolution; gate is (C, Ho * Wo) for NCHW, (Ho * Wo, C)
 // for channels_last; out and y_save are the full outputs.
@@ -140,17 +154,7 @@ void gate_band_kernel(const T* yb, const T* gate, T* out, T* y_save, const BandL
         const T* src = yb + L.local_nchw(n, c);
         const T* gk = gate + c * P + L.band.r0 * L.Wo;
         const int64_t dst = L.full_nchw(n, c);
-        T* o = out + dst;
-        if (y_save != nullptr) {
-          T* ys = y_save + dst;
-          for (int64_t p = 0; p < len; ++p) {
-            const T v = src[p];
-            ys[p] = v;
-            o[p] = v * gk[p];
-          }
-        } else {
-          for (int64_t p = 0; p < len; ++p) o[p] = src[p] * gk[p];
-        }
+        gate_run(src, gk, out + dst, y_save != nullptr ? y_save + dst : nullptr, len);
       }
     });
   } else {
@@ -161,17 +165,7 @@ void gate_band_kernel(const T* yb, const T* gate, T* out, T* y_save, const BandL
         const T* src = yb + L.local_nhwc(n) + p * C;
         const T* gk = gate + (L.band.r0 * L.Wo + p) * C;
         const int64_t dst = L.full_nhwc(n) + p * C;
-        T* o = out + dst;
-        if (y_save != nullptr) {
-          T* ys = y_save + dst;
-          for (int64_t c = 0; c < C; ++c) {
-            const T v = src[c];
-            ys[c] = v;
-            o[c] = v * gk[c];
-          }
-        } else {
-          for (int64_t c = 0; c < C; ++c) o[c] = src[c] * gk[c];
-        }
+        gate_run(src, gk, out + dst, y_save != nullptr ? y_save + dst : nullptr, C);
       }
     });
   }
