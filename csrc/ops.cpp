@@ -102,6 +102,11 @@ std::pair<int64_t, int64_t> check_gated_conv2d_args(
   const int64_t channels = weight.size(0);
   TORCH_CHECK(channels % groups == 0, "gated_conv2d: output channels (", channels,
               ") must be divisible by groups (", groups, ")");
+  // ATen's convolution returns zero output channels for zero input channels, and the
+  // reference cannot gate that: an empty reduction is refused.
+  TORCH_CHECK(weight.size(1) > 0,
+              "gated_conv2d: expected at least one input channel per group, got a weight of "
+              "shape ", weight.sizes());
   TORCH_CHECK(input.size(1) == weight.size(1) * groups, "gated_conv2d: expected input with ",
               weight.size(1) * groups, " channels (weight ", weight.sizes(), ", groups ",
               groups, "), got ", input.size(1));

@@ -35,6 +35,8 @@ OP_ERRORS = [
     (dict(gate=torch.rand(6, 36)), r"expected a 3-D gate \(C, Ho, Wo\), got 2-D"),
     (dict(input=torch.randn(2, 5, 8, 8)), r"expected input with 4 channels .* got 5"),
     (dict(groups=4, weight=torch.randn(6, 1, 3, 3)), r"output channels \(6\) must be divisible by groups \(4\)"),
+    (dict(input=torch.randn(2, 0, 8, 8), weight=torch.randn(6, 0, 3, 3)),
+     r"expected at least one input channel per group, got a weight of shape \[6, 0, 3, 3\]"),
     (dict(bias=torch.randn(5)), r"expected a bias of shape \(6\)"),
     (dict(gate=torch.rand(6, 5, 6)), r"expected a gate of shape \(6, 6, 6\), got \[6, 5, 6\]"),
     (dict(gate=torch.rand(5, 6, 6)), r"expected a gate of shape \(6, 6, 6\)"),
@@ -217,6 +219,8 @@ MLP_CONV_ERRORS = [
     (dict(groups=0), r"groups must be positive"),
     (dict(weight=torch.randn(6, 4, 0, 3)), r"expected a non-empty kernel, got 0x3"),
     (dict(input=torch.randn(2, 5, 8, 8)), r"expected input with 4 channels .* got 5"),
+    (dict(input=torch.randn(2, 0, 8, 8), weight=torch.randn(6, 0, 3, 3)),
+     r"expected at least one input channel per group"),
     (dict(mix_bias=torch.randn(3)), r"a mix_bias was given without a mix_weight"),
 ]
 
