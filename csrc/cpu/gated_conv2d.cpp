@@ -4,9 +4,10 @@
 // the bare convolution, and the fused work is what surrounds it. ATen is called band by band
 // (a few samples, or a few output rows of one sample: about cpu_band_bytes() of output), and the
 // band's output is gated while it is still in cache. Forward: out = gate * y written per band
-// (and y itself when backward needs it). Backward: one pass over grad_out forms
-// dy = grad_out * gate and the gate gradient dg = sum_n grad_out * y together (y recomputed
-// band by band when it was not saved), then ATen's convolution backward takes dy.
+// (and y itself when backward needs it). Backward, band by band: one pass over the band of
+// grad_out forms dy = grad_out * gate and the gate gradient dg = sum_n grad_out * y together
+// (the band's y recomputed when it was not saved), then ATen's convolution backward takes
+// the band's dy.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -173,13 +174,13 @@ void gate_band_kernel(const T* yb, const T* gate, T* out, T* y_save, const BandL
 
 // The backward gate pass of one band: dy = dout * gate (if dy != nullptr) and
 // dgate (+)= sum_{n in band} dout * y (if dgate != nullptr; assigned for n == 0, so every
-// element is written when the bands cover the output). dout is the full tensor; y and dy are
-// the full tensors or, where y_local / dy_local, the band's own; layouts as in
+// element is written when the bands cover the output). dout is the full tensor, dy the
+// band's own; y is the full tensor or, where y_local, the band's own; layouts as in
 // gate_band_kernel; dgate has the gate's layout. Each dgate element is summed over n by one
 // thread in a fixed order.
 template <typename T>
 void gate_backward_band_kernel(const T* dout, const T* y, bool y_local, const T* gate, T* dy,
-                               bool dy_local, T* dgate, const BandLayout& L, bool channels_last) {
+                               T* dgate, const BandLayout& L, bool channels_last) {
   const int64_t C = L.C, P = L.Ho * L.Wo, len = L.rows() * L.Wo;
   if (!channels_last) {
     const int64_t blocks = (len + kPixelBlock - 1) / kPixelBlock;
@@ -193,7 +194,7 @@ void gate_backward_band_kernel(const T* dout, const T* y, bool y_local, const T*
           const int64_t full = L.full_nchw(n, c), local = L.local_nchw(n, c);
           const T* d = dout + full;
           if (dy != nullptr) {
-            T* dyk = dy + (dy_local ? local : full);
+            T* dyk = dy + local;
             for (int64_t p = p0; p < p1; ++p) dyk[p] = d[p] * g[p];
           }
           if (dgate != nullptr) {
@@ -217,7 +218,7 @@ void gate_backward_band_kernel(const T* dout, const T* y, bool y_local, const T*
           const int64_t full = L.full_nhwc(n) + p * C, local = L.local_nhwc(n) + p * C;
           const T* d = dout + full;
           if (dy != nullptr) {
-            T* dyk = dy + (dy_local ? local : full);
+            T* dyk = dy + local;
             for (int64_t c = 0; c < C; ++c) dyk[c] = d[c] * g[c];
           }
           if (dgate != nullptr) {
@@ -439,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
           dout.data_ptr<scalar_t>(),
           recompute ? yb.data_ptr<scalar_t>() : (y.defined() ? y.data_ptr<scalar_t>() : nullptr),
           recompute, g.data_ptr<scalar_t>(),
-          dyb.defined() ? dyb.data_ptr<scalar_t>() : nullptr, true,
+          dyb.defined() ? dyb.data_ptr<scalar_t>() : nullptr,
           dgate.defined() ? dgate.data_ptr<scalar_t>() : nullptr,
           BandLayout{C, out_h, out_w, band}, channels_last);
       if (!need_conv_grads) continue;
