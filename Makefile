@@ -10,7 +10,7 @@ DEPS := $(VENV)/.deps-installed
 # toolkit, this only silences the guess.
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) /usr/local)
 
-.PHONY: setup build test demo bench static-report clean
+.PHONY: setup build test demo bench bench-heap static-report clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ demo: build
 
 bench: build
 	$(PY) -m pytest benchmarks -q
+
+# The same benchmarks with glibc serving every allocation from its reused heap (no fresh
+# mmap'd pages to fault in on each call), as jemalloc or tcmalloc would: what is left is the
+# kernels' own cost. Writes results/benchmarks-heap.{json,png}.
+HEAP_MALLOC := glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+bench-heap: build
+	GLIBC_TUNABLES=$(HEAP_MALLOC) COORDGATE_BENCH_TAG=heap $(PY) -m pytest benchmarks -q
 
 # The static GPU tables of the Triton kernels (registers, shared memory, spills, MMA
 # instructions) and of the CUDA C++ kernels (registers, shared and local memory).

@@ -11,6 +11,7 @@ and the bytes saved for backward, and writes results/benchmarks.{json,png}.
 from __future__ import annotations
 
 import copy
+import resource
 import statistics
 import time
 
@@ -119,12 +120,16 @@ def _runner(provider, mode, shape, dtype):
 @pytest.mark.parametrize(("provider", "mode"), CASES, ids=[f"{p}-{m}" for p, m in CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_case_id)
-def test_gated_conv2d(benchmark, record_median, record_paired, record_model, shape, dtype, provider, mode):
+def test_gated_conv2d(benchmark, record_median, record_faults, record_paired, record_model, shape, dtype,
+                      provider, mode):
     run = _runner(provider, mode, shape, dtype)
     record_model(_case_id(shape, dtype), _model(shape, dtype))
     benchmark.group = f"{_case_id(shape, dtype)} {mode}"
     benchmark.pedantic(run, rounds=5, warmup_rounds=2)
     record_median(_case_id(shape, dtype), mode, provider, benchmark)
+    faults = _minor_faults()
+    run()
+    record_faults(_case_id(shape, dtype), mode, provider, (_minor_faults() - faults) * resource.getpagesize())
     if provider != "bare_conv":
         record_paired(_case_id(shape, dtype), mode, provider,
                       _paired_ratio(run, _runner("bare_conv", mode, shape, dtype)))
@@ -138,6 +143,12 @@ def _seconds(fn) -> float:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def _minor_faults() -> int:
+    """Page faults served without I/O so far in this process: on this machine, mostly the
+    first touch of the fresh pages glibc maps for every large allocation."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _paired_ratio(run, bare, rounds: int = PAIRED_ROUNDS) -> float:

@@ -6,7 +6,16 @@ to back, so that the machine's drift between tests, large on a shared 2-core mac
 every memory measurement its saved-for-backward bytes under (case, provider). The terminal
 summary prints, per case, the performance model of DESIGN.md section 6, the medians with their
 ratios to the bare convolution, the compiled reference and the eager reference, the paired
-ratio, and the memory table; it writes results/benchmarks.json and results/benchmarks.png.
+ratio, the bytes of pages faulted in by one call after the timed rounds, and the memory
+table; it writes results/benchmarks.json and results/benchmarks.png.
+
+The allocator is part of the measurement. With glibc's defaults, an allocation above the mmap
+threshold (which glibc moves between 128 KiB and 32 MiB) is fresh pages from the kernel,
+faulted in on first touch; on this virtual machine that costs about 0.5 ms per MiB, and ATen's
+whole-batch convolution allocates such buffers on every call. `make bench-heap` runs the same
+benchmarks with glibc told to serve every allocation from its reused heap (GLIBC_TUNABLES), as
+jemalloc or tcmalloc would, and writes results/benchmarks-heap.{json,png}. The summary says
+which allocator it ran under.
 """
 
 from __future__ import annotations
@@ -18,10 +27,13 @@ import os
 import pytest
 
 MEDIANS: dict[tuple[str, str], dict[str, float]] = collections.defaultdict(dict)
+FAULTED: dict[tuple[str, str], dict[str, float]] = collections.defaultdict(dict)
 PAIRED: dict[tuple[str, str], dict[str, float]] = collections.defaultdict(dict)
 SAVED_BYTES: dict[str, dict[str, int]] = collections.defaultdict(dict)
 MODELS: dict[str, dict[str, float]] = {}
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+#: Suffix of the result files ("heap" for `make bench-heap`).
+TAG = os.environ.get("COORDGATE_BENCH_TAG", "")
 BASELINES = (("bare_conv", "/ bare conv"), ("compiled_reference", "/ compiled ref"), ("reference", "/ eager ref"))
 
 
@@ -31,6 +43,26 @@ def record_median():
         MEDIANS[(case, mode)][provider] = benchmark.stats.stats.median
 
     return record
+
+
+@pytest.fixture
+def record_faults():
+    def record(case: str, mode: str, provider: str, nbytes: float) -> None:
+        FAULTED[(case, mode)][provider] = nbytes
+
+    return record
+
+
+def _allocator() -> str:
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    if tunables:
+        return f"glibc malloc with GLIBC_TUNABLES={tunables}"
+    return ("glibc malloc defaults (allocations above the mmap threshold are fresh pages, "
+            "faulted in on first touch)")
+
+
+def _result_path(ext: str) -> str:
+    return os.path.join(RESULTS_DIR, f"benchmarks{'-' + TAG if TAG else ''}.{ext}")
 
 
 @pytest.fixture
@@ -75,7 +107,7 @@ def _write_plot(path: str) -> None:
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))])
     ax.set_xticklabels([f"{c}\n{m}" for c, m in keys], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("median time / bare F.conv2d")
-    ax.set_title("coordgate_ext: gated convolution vs the bare convolution")
+    ax.set_title("coordgate_ext: gated convolution vs the bare convolution" + (f" ({TAG})" if TAG else ""))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -88,6 +120,7 @@ def pytest_terminal_summary(terminalreporter):
     write = terminalreporter.write_line
     write("")
     write("coordgate_ext benchmarks: medians and ratios (< 1 is faster than the baseline)")
+    write(f"allocator: {_allocator()}")
     for case in sorted({c for c, _ in MEDIANS} | set(SAVED_BYTES)):
         write("")
         model = MODELS.get(case)
@@ -96,7 +129,7 @@ def pytest_terminal_summary(terminalreporter):
                   f"unfused {model['unfused_mb']:.1f} MB (conv output written and read again, "
                   f"gate and encoder activations)")
         header = (f"  {'mode':<10} {'provider':<20} {'median ms':>10}" + "".join(f" {h:>15}" for _, h in BASELINES)
-                  + f" {'paired / bare':>15}")
+                  + f" {'paired / bare':>15} {'faulted MiB':>12}")
         write(header)
         for (c, mode), providers in sorted(MEDIANS.items()):
             if c != case:
@@ -107,7 +140,9 @@ def pytest_terminal_summary(terminalreporter):
                 )
                 paired = PAIRED[(c, mode)].get(provider)
                 paired_text = f" {paired:15.2f}" if paired is not None else f" {'-':>15}"
-                write(f"  {mode:<10} {provider:<20} {median * 1e3:10.1f}{ratios}{paired_text}")
+                faulted = FAULTED[(c, mode)].get(provider)
+                faulted_text = f" {faulted / 2**20:12.0f}" if faulted is not None else f" {'-':>12}"
+                write(f"  {mode:<10} {provider:<20} {median * 1e3:10.1f}{ratios}{paired_text}{faulted_text}")
         saved = SAVED_BYTES.get(case)
         if saved:
             ref = saved.get("reference")
@@ -115,9 +150,11 @@ def pytest_terminal_summary(terminalreporter):
                 f"{p} {b / 2**20:.1f} MiB" + (f" ({b / ref:.2f} x reference)" if ref and p != "reference" else "")
                 for p, b in sorted(saved.items())))
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    json_path = os.path.join(RESULTS_DIR, "benchmarks.json")
+    json_path = _result_path("json")
     with open(json_path, "w") as f:
         json.dump({
+            "allocator": _allocator(),
+            "faulted_bytes_per_call": {f"{c} | {m}": v for (c, m), v in sorted(FAULTED.items())},
             "medians_s": {f"{c} | {m}": v for (c, m), v in sorted(MEDIANS.items())},
             "paired_ratio_to_bare_conv": {f"{c} | {m}": v for (c, m), v in sorted(PAIRED.items())},
             "saved_for_backward_bytes": SAVED_BYTES,
@@ -126,6 +163,6 @@ def pytest_terminal_summary(terminalreporter):
     write("")
     write(f"wrote {json_path}")
     if MEDIANS:
-        png_path = os.path.join(RESULTS_DIR, "benchmarks.png")
+        png_path = _result_path("png")
         _write_plot(png_path)
         write(f"wrote {png_path}")
