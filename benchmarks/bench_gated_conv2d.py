@@ -104,6 +104,9 @@ def _runner(provider, mode, shape, dtype):
     else:
         model = layer
     inp = x.requires_grad_(mode == "fwd+bwd")
+    # The output gradient is made once (in the warm-up): a fresh output-sized tensor per call
+    # would time the harness's page faults, the same for every provider.
+    grad_out = []
 
     def run():
         if mode == "eval_fwd":
@@ -111,7 +114,9 @@ def _runner(provider, mode, shape, dtype):
                 return model(inp)
         out = model(inp)
         if mode == "fwd+bwd":
-            out.backward(torch.ones_like(out))
+            if not grad_out:
+                grad_out.append(torch.ones_like(out))
+            out.backward(grad_out[0])
         return out
 
     return run
