@@ -148,6 +148,10 @@ def coordgate_conv2d(
         raise ValueError(
             f"coordgate_conv2d: expected a 4-D weight (C, Cin/groups, kh, kw), got {weight.dim()}-D"
         )
+    if weight.shape[1] == 0:
+        # The specification cannot gate it either: F.conv2d returns no output channels.
+        raise ValueError(f"coordgate_conv2d: expected at least one input channel per group, got a weight of "
+                         f"shape {list(weight.shape)}")
     gate_tensors = gate if isinstance(gate, torch.Tensor) else gate.weights[0]
     for name, t in (("weight", weight), ("bias", bias), ("gate", gate_tensors), ("mix_weight", mix_weight),
                     ("mix_bias", mix_bias)):

@@ -129,6 +129,10 @@ def test_public_api_errors():
         cg.coordgate_conv2d(x, layer.weight, layer.bias, gate, backend="cpu")
     with pytest.raises(ValueError, match=r"padding_mode must be one of"):
         cg.coordgate_conv2d(x, layer.weight, layer.bias, layer.gate_map(6, 6), padding_mode="mirror")
+    for backend in ("reference", "cpu"):
+        with pytest.raises(ValueError, match=r"expected at least one input channel per group, got a weight of shape "
+                                             r"\[6, 0, 3, 3\]"):
+            cg.coordgate_conv2d(x[:, :0], layer.weight[:, :0], layer.bias, layer.gate_map(6, 6), backend=backend)
     with pytest.raises(ValueError, match=r"padding='same' is not supported for strided convolutions"):
         cg.FusedCoordGateConv2d(3, 6, 3, stride=2, padding="same")
 

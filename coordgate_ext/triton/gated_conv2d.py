@@ -156,6 +156,9 @@ def forward(
     if cin != cin_g * groups or c % groups:
         raise ValueError(f"gated_conv2d (triton): weight {tuple(weight.shape)} does not fit input "
                          f"{tuple(input.shape)} with groups={groups}")
+    if cin_g == 0:
+        raise ValueError(f"gated_conv2d (triton): expected at least one input channel per group, got a weight "
+                         f"of shape {tuple(weight.shape)}")
     if ho <= 0 or wo <= 0:
         raise ValueError(f"gated_conv2d (triton): the output would be empty ({ho}x{wo})")
     cg = c // groups

@@ -316,6 +316,9 @@ def test_errors():
         launch.forward(x, w, None, launch.Encoder(wide, wide_b, "relu", "relu"), [1, 1], [0, 0], [1, 1], 1, False)
     with pytest.raises(ValueError, match=r"expected a gate of shape \(3, 3, 3\), got \(3, 4, 4\)"):
         launch.forward(x, w, None, torch.rand(3, 4, 4), [1, 1], [0, 0], [1, 1], 1, False)
+    with pytest.raises(ValueError, match=r"expected at least one input channel per group, got a weight of shape "
+                                         r"\(3, 0, 3, 3\)"):
+        launch.forward(x[:, :0], w[:, :0], None, g, [1, 1], [0, 0], [1, 1], 1, False)
     with pytest.raises(ValueError, match=r"gate_mode must be 'auto', 'kernel' or 'map'"):
         triton_ops.coordgate_conv2d_encoder(x, w, None, enc_w, enc_b, "relu", "relu", [1, 1], [0, 0], [1, 1], 1,
                                             gate_mode="both")
