@@ -54,6 +54,9 @@ def record_faults():
 
 
 def _allocator() -> str:
+    preload = os.environ.get("LD_PRELOAD")
+    if preload:
+        return f"LD_PRELOAD={preload} (glibc malloc unless that replaces it)"
     tunables = os.environ.get("GLIBC_TUNABLES")
     if tunables:
         return f"glibc malloc with GLIBC_TUNABLES={tunables}"
