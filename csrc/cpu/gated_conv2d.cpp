@@ -30,11 +30,14 @@ namespace {
 // enough to balance two cores on a few channels.
 constexpr int64_t kPixelBlock = 4096;
 
-// Output bytes of one band of the banded convolution (kDefaultBandBytes unless set). oneDNN
-// convolves a band that fits in the L2/L3 caches faster than the whole batch at once, and the
-// gate pass then reads the band from cache. Measured here (float32, 2 cores), banded
-// convolution + gate pass over the bare batched F.conv2d: 0.4-0.8 on the benchmark shapes
-// with 1-4 MiB bands.
+// Output bytes of one band of the banded convolution (kDefaultBandBytes unless set). The gate
+// pass reads the band from cache, and oneDNN's temporaries are band-sized. Under glibc's
+// default allocator that is what makes banding pay: ATen's whole-batch convolution allocates
+// output-sized buffers on every call, served as fresh pages faulted in on first touch (about
+// 0.5 ms per MiB on the development VM); measured there, banded convolution + gate pass over
+// the bare batched F.conv2d: 0.4-0.8 on the benchmark shapes with 1-4 MiB bands. Under an
+// allocator that reuses memory (make bench-heap), the banded convolution is no faster than
+// the whole-batch one and the gate pass is overhead (README, "The allocator").
 std::atomic<int64_t> g_band_bytes{kDefaultBandBytes};
 
 // Samples [n0, n1) and output rows [r0, r1) of the convolution's output.

@@ -24,7 +24,8 @@ CpuEngine cpu_engine();
 
 // Whether a forward (backward) runs the implicit GEMM. kAuto takes it for float64 only (oneDNN
 // has no float64 kernels; ATen's float64 convolution is a slow im2col anyway). In float32 the
-// ATen engine's banded convolution was faster on every shape measured, including the small
+// ATen engine's banded convolution was faster on every shape measured (under glibc's default
+// allocator; not re-measured under a heap allocator), including the small
 // reductions (K = Cin/groups * kh * kw <= 64) where the implicit GEMM used to win over the
 // unbanded one: paired ratio to the bare F.conv2d, training forward / eval forward, implicit
 // GEMM vs banded ATen: 4, 4->32, 256x256: 0.92-0.96 / 0.75-0.80 vs 0.39-0.41 / 0.28-0.29;
