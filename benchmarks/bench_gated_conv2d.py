@@ -85,10 +85,11 @@ def _runner(provider, mode, shape, dtype):
     layer, x = _make(shape, dtype, "reference")
     if mode == "eval_fwd":
         layer.eval()
-    if provider.split("+")[0] in FUSED:
+    base, _, variant = provider.partition("+")
+    if base in FUSED:
         model = copy.deepcopy(layer)
-        model.backend = provider.split("+")[0]
-        model.recompute = provider.endswith("+recompute")
+        model.backend = base
+        model.recompute = variant == "recompute"
         with torch.no_grad():
             tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
             torch.testing.assert_close(model(x), layer(x), **tol)

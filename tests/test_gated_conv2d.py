@@ -3,6 +3,7 @@ matrix of convolution geometries, layouts, encoders and dtypes; gradcheck; gradi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 import coordgate_ext as cg
 from coordgate_ext import reference
+from coordgate_ext.ops.gated_conv2d import conv_output_size
 from conftest import assert_close, assert_low_precision
 
 # backend-engine: the C++ CPU kernels with each of their convolution engines (ATen's, the
@@ -28,25 +30,34 @@ FUSED_BACKENDS = [
 ]
 
 
+@contextlib.contextmanager
+def _cpu_settings(engine: str, band_bytes: int | None = None):
+    """The CPU engine (and the ATen engine's band bytes) for the block, restored after it."""
+    previous, previous_band = cg.cpu_engine(), cg.cpu_band_bytes()
+    cg.set_cpu_engine(engine)
+    if band_bytes is not None:
+        cg.set_cpu_band_bytes(band_bytes)
+    try:
+        yield
+    finally:
+        cg.set_cpu_engine(previous)
+        cg.set_cpu_band_bytes(previous_band)
+
+
 @pytest.fixture(params=FUSED_BACKENDS)
 def backend(request):
     if request.param == "cuda":
         yield "cuda"
         return
     name, engine = request.param.split("-", 1)
-    previous, previous_band = cg.cpu_engine(), cg.cpu_band_bytes()
+    band_bytes = None
     if engine == "aten_rows":
         # The ATen engine with bands of one output row of one sample: every band's input
         # halo, its zero padding at the image's edges, strides and dilations go through the
         # row-band path that large images take.
-        engine = "aten"
-        cg.set_cpu_band_bytes(1)
-    cg.set_cpu_engine(engine)
-    try:
+        engine, band_bytes = "aten", 1
+    with _cpu_settings(engine, band_bytes):
         yield name
-    finally:
-        cg.set_cpu_engine(previous)
-        cg.set_cpu_band_bytes(previous_band)
 
 
 def _device(backend: str) -> str:
@@ -183,17 +194,11 @@ def test_bands_match_reference(geometry, bands, layout, recompute):
                         "zeros")
     fused.recompute = recompute
     x = _make_input((n, cin, h, w), layout, dtype)
-    out_h = (h + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    out_w = (w + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    out_h = conv_output_size(h, kernel, stride, padding, dilation)
+    out_w = conv_output_size(w, kernel, stride, padding, dilation)
     row_bytes = c * out_w * x.element_size()
-    previous_engine, previous_band = cg.cpu_engine(), cg.cpu_band_bytes()
-    cg.set_cpu_engine("aten")
-    cg.set_cpu_band_bytes(2 * out_h * row_bytes if bands == "two_samples" else 3 * row_bytes)
-    try:
+    with _cpu_settings("aten", 2 * out_h * row_bytes if bands == "two_samples" else 3 * row_bytes):
         _check_layer(fused, ref, x, dtype)
-    finally:
-        cg.set_cpu_engine(previous_engine)
-        cg.set_cpu_band_bytes(previous_band)
 
 
 @pytest.mark.parametrize("encoder", ENCODERS, ids=lambda e: "-".join(map(str, e)))

@@ -31,6 +31,13 @@ def loaded() -> bool:
     return LOAD_ERROR is None
 
 
+def _extension():
+    """The compiled module, or the reason it could not be loaded as a RuntimeError."""
+    if not loaded():
+        raise RuntimeError(LOAD_ERROR)
+    return _C
+
+
 def empty_cpu_cache() -> None:
     """Frees the host buffers that the CPU kernels keep for reuse (see csrc/cpu/output_cache.h)."""
     if loaded():
@@ -51,36 +58,30 @@ def set_cpu_engine(engine: str) -> None:
     (the implicit GEMM for float64, which oneDNN lacks; ATen otherwise). Process-wide."""
     if engine not in CPU_ENGINES:
         raise ValueError(f"cpu engine must be one of {', '.join(CPU_ENGINES)}; got {engine!r}")
-    if not loaded():
-        raise RuntimeError(LOAD_ERROR)
-    _C.set_cpu_engine(engine)
+    _extension().set_cpu_engine(engine)
 
 
 def cpu_engine() -> str:
     """The CPU kernels' convolution engine (see set_cpu_engine)."""
-    if not loaded():
-        raise RuntimeError(LOAD_ERROR)
-    return _C.cpu_engine()
+    return _extension().cpu_engine()
 
 
 def set_cpu_band_bytes(nbytes: int) -> None:
     """Output bytes per band of the "aten" engine: it calls ATen's convolution on a few samples
     or a few output rows at a time and gates each band while it is in cache (default 2 MiB,
-    measured best on the benchmark shapes; 1 makes every band one output row). Process-wide."""
+    measured best here under glibc's default allocator, where bigger bands fault in fresh
+    pages; under a heap allocator such as jemalloc, bigger bands made the forward a little
+    faster: see the README; 1 makes every band one output row). Process-wide."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, int):
         raise TypeError(f"cpu band bytes must be an int, got {type(nbytes).__name__}")
     if nbytes < 1:
         raise ValueError(f"cpu band bytes must be at least 1, got {nbytes}")
-    if not loaded():
-        raise RuntimeError(LOAD_ERROR)
-    _C.set_cpu_band_bytes(nbytes)
+    _extension().set_cpu_band_bytes(nbytes)
 
 
 def cpu_band_bytes() -> int:
     """Output bytes per band of the "aten" engine's banded convolution (see set_cpu_band_bytes)."""
-    if not loaded():
-        raise RuntimeError(LOAD_ERROR)
-    return _C.cpu_band_bytes()
+    return _extension().cpu_band_bytes()
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
