@@ -2,6 +2,8 @@
 reference (torch.compile, the fair baseline for a fused op) and each fused backend, side by
 side, in three modes: training forward (gate computed), forward+backward (all gradients) and
 eval forward (gate cached). float32 on the CPU; every dtype on CUDA when a GPU is present.
+The same shapes with a channels_last input time the bare convolution and the fused backends
+again (cases suffixed "-channels_last"), each against the bare convolution in that layout.
 
 Run: ``make bench`` (or ``pytest benchmarks/``). Each case first checks that the fused output
 equals the reference. The summary prints ratios, the performance model of DESIGN.md section 6
@@ -48,13 +50,18 @@ FUSED = _fused_backends(DEVICE)
 PROVIDERS = ["bare_conv", "reference", "compiled_reference"] + FUSED
 # (provider, mode): every provider in every mode, and each fused backend with recompute=True
 # (the ungated convolution recomputed in backward instead of saved) where something is saved.
-CASES = [(p, m) for p in PROVIDERS for m in MODES] + [
-    (f"{b}+recompute", m) for b in FUSED for m in MODES if m != "eval_fwd"]
+RECOMPUTE_CASES = [(f"{b}+recompute", m) for b in FUSED for m in MODES if m != "eval_fwd"]
+CASES = [(p, m) for p in PROVIDERS for m in MODES] + RECOMPUTE_CASES
+# The same shapes with a channels_last input (the output follows it): the bare convolution
+# and the fused backends only (the references gain nothing from the layout).
+CHANNELS_LAST_CASES = [(p, m) for p in ["bare_conv"] + FUSED for m in MODES] + RECOMPUTE_CASES
 
 
-def _case_id(shape, dtype=torch.float32):
+def _case_id(shape, dtype=torch.float32, memory_format=torch.contiguous_format):
     n, cin, c, k, h, w = shape
     suffix = "" if dtype == torch.float32 else f"-{str(dtype).split('.')[-1]}"
+    if memory_format == torch.channels_last:
+        suffix += "-channels_last"
     return f"N{n}-{cin}to{c}-k{k}-{h}x{w}{suffix}"
 
 
@@ -72,17 +79,18 @@ def _model(shape, dtype) -> dict[str, float]:
     return {"gflop": 2 * n * h * w * c * cin * k * k / 1e9, "min_mb": minimum / 1e6, "unfused_mb": unfused / 1e6}
 
 
-def _make(shape, dtype, backend):
+def _make(shape, dtype, backend, memory_format=torch.contiguous_format):
     n, cin, c, k, h, w = shape
     torch.manual_seed(0)
     layer = cg.FusedCoordGateConv2d(cin, c, k, padding=k // 2, encoder_hidden=ENCODER_HIDDEN,
                                     device=DEVICE, dtype=dtype, backend=backend)
-    return layer, torch.randn(n, cin, h, w, device=DEVICE, dtype=dtype)
+    x = torch.randn(n, cin, h, w, device=DEVICE, dtype=dtype)
+    return layer, x.contiguous(memory_format=memory_format)
 
 
-def _runner(provider, mode, shape, dtype):
+def _runner(provider, mode, shape, dtype, memory_format=torch.contiguous_format):
     """A zero-argument callable running ``provider`` in ``mode``, after an equality check."""
-    layer, x = _make(shape, dtype, "reference")
+    layer, x = _make(shape, dtype, "reference", memory_format)
     if mode == "eval_fwd":
         layer.eval()
     base, _, variant = provider.partition("+")
@@ -128,17 +136,35 @@ def _runner(provider, mode, shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=_case_id)
 def test_gated_conv2d(benchmark, record_median, record_faults, record_paired, record_model, shape, dtype,
                       provider, mode):
-    run = _runner(provider, mode, shape, dtype)
-    record_model(_case_id(shape, dtype), _model(shape, dtype))
-    benchmark.group = f"{_case_id(shape, dtype)} {mode}"
+    _time_case(benchmark, record_median, record_faults, record_paired, record_model, shape, dtype, provider,
+               mode, torch.contiguous_format)
+
+
+@pytest.mark.parametrize(("provider", "mode"), CHANNELS_LAST_CASES,
+                         ids=[f"{p}-{m}" for p, m in CHANNELS_LAST_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_case_id)
+def test_gated_conv2d_channels_last(benchmark, record_median, record_faults, record_paired, record_model, shape,
+                                    dtype, provider, mode):
+    _time_case(benchmark, record_median, record_faults, record_paired, record_model, shape, dtype, provider,
+               mode, torch.channels_last)
+
+
+def _time_case(benchmark, record_median, record_faults, record_paired, record_model, shape, dtype, provider,
+               mode, memory_format):
+    """Times one case, and records its median, page faults, paired ratio and model."""
+    case = _case_id(shape, dtype, memory_format)
+    run = _runner(provider, mode, shape, dtype, memory_format)
+    record_model(case, _model(shape, dtype))
+    benchmark.group = f"{case} {mode}"
     benchmark.pedantic(run, rounds=5, warmup_rounds=2)
-    record_median(_case_id(shape, dtype), mode, provider, benchmark)
+    record_median(case, mode, provider, benchmark)
     faults = _minor_faults()
     run()
-    record_faults(_case_id(shape, dtype), mode, provider, (_minor_faults() - faults) * resource.getpagesize())
+    record_faults(case, mode, provider, (_minor_faults() - faults) * resource.getpagesize())
     if provider != "bare_conv":
-        record_paired(_case_id(shape, dtype), mode, provider,
-                      _paired_ratio(run, _runner("bare_conv", mode, shape, dtype)))
+        record_paired(case, mode, provider,
+                      _paired_ratio(run, _runner("bare_conv", mode, shape, dtype, memory_format)))
 
 
 def _seconds(fn) -> float:
