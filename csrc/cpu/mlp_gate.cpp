@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -107,7 +108,10 @@ struct Tile {
 // activation). Between the ranges' ends the gate's pre-activation is affine in q:
 //   z[c] = b2[c] + sum_{e active} W2[c, e] u_e + q sum_{e active} W2[c, e] v_e,
 // so a row costs O(C W + E C) instead of the GEMM's O(E C W). Backward sums dz and dz * q
-// over the same ranges with prefix sums. Sums over units and pixels are kept in double.
+// over the same ranges with prefix sums; with a relu (or no) gate activation, dz is the
+// gate's gradient on the one column range of each segment where the gate passes, so those
+// sums are plain vectorised sums of the gradient. Sums over units and pixels are kept in
+// double (vectorised sums: in the compute dtype over chunks of kSumChunk columns).
 bool piecewise_linear(const Mlp& m) {
   return m.layers() == 2 && (m.hidden == Activation::kRelu || m.hidden == Activation::kNone);
 }
@@ -221,6 +225,50 @@ void piecewise_linear_gate_kernel(const Mlp& m, int64_t height, int64_t width, T
   });
 }
 
+// [lo, hi): where pred holds in [s, t), for a pred that switches at most once there.
+template <typename Pred>
+std::pair<int64_t, int64_t> true_range(int64_t s, int64_t t, Pred&& pred) {
+  const bool first = pred(s);
+  if (first == pred(t - 1)) return first ? std::make_pair(s, t) : std::make_pair(s, s);
+  int64_t a = s, b = t - 1;  // pred(a) == first != pred(b)
+  while (b - a > 1) {
+    const int64_t mid = a + (b - a) / 2;
+    (pred(mid) == first ? a : b) = mid;
+  }
+  return first ? std::make_pair(s, b) : std::make_pair(b, t);
+}
+
+// sum0 = sum g[j] and sum1 = sum g[j] * q[j] over [lo, hi): lanes of T over chunks of
+// kSumChunk columns (vectorised), each chunk's total added in double.
+constexpr int64_t kSumLanes = 8, kSumChunk = 256;
+
+template <typename T>
+void range_sums(const T* g, const T* q, int64_t lo, int64_t hi, double& sum0, double& sum1) {
+  sum0 = sum1 = 0.0;
+  for (int64_t j0 = lo; j0 < hi; j0 += kSumChunk) {
+    const int64_t j1 = std::min(hi, j0 + kSumChunk);
+    T p0[kSumLanes] = {}, p1[kSumLanes] = {};
+    int64_t j = j0;
+    for (; j + kSumLanes <= j1; j += kSumLanes) {
+      for (int64_t l = 0; l < kSumLanes; ++l) {
+        p0[l] += g[j + l];
+        p1[l] += g[j + l] * q[j + l];
+      }
+    }
+    for (; j < j1; ++j) {
+      p0[0] += g[j];
+      p1[0] += g[j] * q[j];
+    }
+    double c0 = 0.0, c1 = 0.0;
+    for (int64_t l = 0; l < kSumLanes; ++l) {
+      c0 += static_cast<double>(p0[l]);
+      c1 += static_cast<double>(p1[l]);
+    }
+    sum0 += c0;
+    sum1 += c1;
+  }
+}
+
 template <typename T>
 void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t width,
                                       const T* grad_gate, std::vector<at::Tensor>& grad_w,
@@ -258,17 +306,32 @@ void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t widt
             bounds.push_back(s);
             for (int64_t c = 0; c < channels; ++c) {
               const T* g = grad_gate + c * pixels + i * width;
+              double& sum0 = c0[c * (max_segments + 1) + k + 1];
+              double& sum1 = c1[c * (max_segments + 1) + k + 1];
+              constexpr Activation act = decltype(A)::value;
+              if constexpr (act == Activation::kRelu || act == Activation::kNone) {
+                // psi' is 1 where the gate passes and 0 elsewhere, and z is monotone in the
+                // column: the sums run over one column range, found as the forward decides.
+                int64_t lo = s, hi = t;
+                if constexpr (act == Activation::kRelu) {
+                  auto passes = [&](int64_t j) {
+                    return static_cast<T>(s0[c] + s1[c] * static_cast<double>(q[j])) > T(0);
+                  };
+                  std::tie(lo, hi) = true_range(s, t, passes);
+                }
+                range_sums(g, q.data(), lo, hi, sum0, sum1);
+                continue;
+              }
               // Four partial sums: independent chains the compiler can keep in flight.
               double a0[4] = {0.0, 0.0, 0.0, 0.0}, a1[4] = {0.0, 0.0, 0.0, 0.0};
               for (int64_t j = s; j < t; ++j) {
                 const T z = static_cast<T>(s0[c] + s1[c] * static_cast<double>(q[j]));
-                const double dz =
-                    static_cast<double>(g[j] * activate_grad<decltype(A)::value>(z));
+                const double dz = static_cast<double>(g[j] * activate_grad<act>(z));
                 a0[j & 3] += dz;
                 a1[j & 3] += dz * static_cast<double>(q[j]);
               }
-              c0[c * (max_segments + 1) + k + 1] = (a0[0] + a0[1]) + (a0[2] + a0[3]);
-              c1[c * (max_segments + 1) + k + 1] = (a1[0] + a1[1]) + (a1[2] + a1[3]);
+              sum0 = (a0[0] + a0[1]) + (a0[2] + a0[3]);
+              sum1 = (a1[0] + a1[1]) + (a1[2] + a1[3]);
             }
           });
           const int64_t segments = static_cast<int64_t>(bounds.size());
