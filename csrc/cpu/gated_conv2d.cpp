@@ -295,7 +295,7 @@ at::Tensor transposed(const at::Tensor& src) {
 // The gate laid out as the kernels above read it: (C, P) for NCHW, (P, C) for channels_last.
 at::Tensor gate_layout(const at::Tensor& gate, at::ScalarType dtype, bool channels_last) {
   auto g = gate.to(dtype).contiguous();
-  return channels_last ? transposed(g.view({g.size(0), -1})) : g;
+  return channels_last ? transposed(g.view({g.size(0), g.size(1) * g.size(2)})) : g;
 }
 
 std::optional<at::Tensor> cast_optional(const std::optional<at::Tensor>& t,
