@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import assume, given, settings
@@ -395,5 +398,35 @@ def test_large_outputs_from_reused_buffers(layout):
             assert cg.cpu_cache_bytes() >= 2 * 8 * 128 * 128 * 4, "freed outputs are kept for reuse"
     cg.empty_cpu_cache()
     assert cg.cpu_cache_bytes() == 0
+
+
+# Run in a fresh process: the cache reads COORDGATE_CPU_CACHE_MB once, at its first use.
+_CACHE_EVICTION_SCRIPT = """
+import torch, coordgate_ext as cg
+gate = lambda c: torch.rand(c, 256, 256)
+def eval_out(c):
+    # NCHW, one sample per band: the output (c * 256 KiB) is the call's only cached buffer.
+    x = torch.randn(1, 2, 256, 256)
+    w = torch.randn(c, 2, 1, 1)
+    out, _ = torch.ops.coordgate_ext.gated_conv2d(x, w, None, gate(c), [1, 1], [0, 0], [1, 1], 1,
+                                                   None, None, False)
+    return out.numel() * 4
+old = eval_out(8)      # 2 MiB freed into the cache
+assert cg.cpu_cache_bytes() == old, cg.cpu_cache_bytes()
+new = eval_out(10)     # 2.5 MiB: both do not fit under 3 MiB
+print(cg.cpu_cache_bytes(), new)
+"""
+
+
+def test_output_cache_keeps_the_newest_buffers():
+    """When a freed buffer would take the cache over its limit, the buffers freed longest ago
+    make room: a process that moves on to new shapes must not keep only stale sizes."""
+    env = dict(os.environ, COORDGATE_CPU_CACHE_MB="3")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _CACHE_EVICTION_SCRIPT], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    cached, newest = map(int, result.stdout.split()[-2:])
+    assert cached == newest == 10 * 256 * 256 * 4
 
 

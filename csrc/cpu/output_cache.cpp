@@ -4,9 +4,12 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <list>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 namespace coordgate {
 namespace {
@@ -35,13 +38,12 @@ class CachingCpuAllocator final : public c10::Allocator {
       auto it = free_.find(nbytes);
       if (it != free_.end()) {
         Block* block = it->second;
-        free_.erase(it);
-        cached_bytes_ -= nbytes;
+        forget(it);
         return {block->ptr, block, &release, cpu};
       }
     }
     void* ptr = c10::alloc_cpu(nbytes);
-    return {ptr, new Block{ptr, nbytes}, &release, cpu};
+    return {ptr, new Block{ptr, nbytes, {}}, &release, cpu};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -49,13 +51,14 @@ class CachingCpuAllocator final : public c10::Allocator {
   }
 
   void empty() {
-    std::unordered_multimap<size_t, Block*> blocks;
+    std::list<Block*> blocks;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      blocks.swap(free_);
+      blocks.swap(oldest_first_);
+      free_.clear();
       cached_bytes_ = 0;
     }
-    for (auto& [size, block] : blocks) destroy(block);
+    for (Block* block : blocks) destroy(block);
   }
 
   size_t cached_bytes() {
@@ -67,7 +70,9 @@ class CachingCpuAllocator final : public c10::Allocator {
   struct Block {
     void* ptr;
     size_t size;
+    std::list<Block*>::iterator age;  // its place in oldest_first_ while it is free
   };
+  using FreeMap = std::unordered_multimap<size_t, Block*>;
 
   static void release(void* ctx) {
     if (ctx != nullptr) instance().give_back(static_cast<Block*>(ctx));
@@ -78,20 +83,41 @@ class CachingCpuAllocator final : public c10::Allocator {
     delete block;
   }
 
+  // Removes a free block from the cache's books (the caller owns it again).
+  void forget(FreeMap::iterator it) {
+    Block* block = it->second;
+    free_.erase(it);
+    oldest_first_.erase(block->age);
+    cached_bytes_ -= block->size;
+  }
+
+  // Keeps a freed block. When the cache would go over its limit, the blocks freed longest ago
+  // make room (a training loop's current shapes are the ones asked for again); a block larger
+  // than the whole limit is not kept.
   void give_back(Block* block) {
+    std::vector<Block*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_bytes_ + block->size <= limit_) {
+      if (block->size > limit_) {
+        evicted.push_back(block);
+      } else {
+        while (cached_bytes_ + block->size > limit_) {
+          Block* oldest = oldest_first_.front();
+          auto [first, last] = free_.equal_range(oldest->size);
+          forget(std::find_if(first, last, [&](const auto& kv) { return kv.second == oldest; }));
+          evicted.push_back(oldest);
+        }
+        block->age = oldest_first_.insert(oldest_first_.end(), block);
         free_.emplace(block->size, block);
         cached_bytes_ += block->size;
-        return;
       }
     }
-    destroy(block);
+    for (Block* b : evicted) destroy(b);
   }
 
   std::mutex mutex_;
-  std::unordered_multimap<size_t, Block*> free_;
+  FreeMap free_;
+  std::list<Block*> oldest_first_;  // the free blocks, in the order they were freed
   size_t cached_bytes_ = 0;
   const size_t limit_ = cache_limit_bytes();
 };
