@@ -428,5 +428,3 @@ def test_output_cache_keeps_the_newest_buffers():
     assert result.returncode == 0, result.stderr
     cached, newest = map(int, result.stdout.split()[-2:])
     assert cached == newest == 10 * 256 * 256 * 4
-
-

