@@ -307,7 +307,8 @@ EncoderSpec encoder_spec(at::TensorList encoder_weights, at::TensorList encoder_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
            at::Tensor, at::Tensor>
 mlp_gated_conv2d_backward_with(
-    MlpGateFn mlp_gate, GatedBackwardFn gated_backward, MlpGateBackwardFn mlp_gate_backward,
+    const MlpGateFn& mlp_gate, const GatedBackwardFn& gated_backward,
+    const MlpGateBackwardFn& mlp_gate_backward,
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::TensorList encoder_weights,
     at::TensorList encoder_biases, c10::string_view hidden_activation,

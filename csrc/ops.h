@@ -132,24 +132,25 @@ EncoderParams<T> encoder_params(const EncoderSpec& spec) {
 }
 
 // A backend's kernels, as mlp_gated_conv2d_backward composes them.
-using MlpGateFn = at::Tensor (*)(at::TensorList, at::TensorList, int64_t, int64_t,
-                                 c10::string_view, c10::string_view);
-using MlpGateBackwardFn = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> (*)(
+using MlpGateFn = std::function<at::Tensor(at::TensorList, at::TensorList, int64_t, int64_t,
+                                           c10::string_view, c10::string_view)>;
+using MlpGateBackwardFn = std::function<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(
     const at::Tensor&, at::TensorList, at::TensorList, int64_t, int64_t, c10::string_view,
-    c10::string_view);
+    c10::string_view)>;
 using GatedBackwardFn =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
         const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
         int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-        std::array<bool, 6>);
+        std::array<bool, 6>)>;
 
 // mlp_gated_conv2d_backward from a backend's kernels: the gate map evaluated again (the
 // encoder is tiny), the gated backward with it, and the encoder's gradients from the gate's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
            at::Tensor, at::Tensor>
 mlp_gated_conv2d_backward_with(
-    MlpGateFn mlp_gate, GatedBackwardFn gated_backward, MlpGateBackwardFn mlp_gate_backward,
+    const MlpGateFn& mlp_gate, const GatedBackwardFn& gated_backward,
+    const MlpGateBackwardFn& mlp_gate_backward,
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::TensorList encoder_weights,
     at::TensorList encoder_biases, c10::string_view hidden_activation,

@@ -204,15 +204,44 @@ def test_bands_match_reference(geometry, bands, layout, recompute):
         _check_layer(fused, ref, x, dtype)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("encoder", ENCODERS, ids=lambda e: "-".join(map(str, e)))
-def test_encoder_matches_reference(backend, encoder):
+def test_encoder_matches_reference(backend, encoder, layout):
+    """Every encoder; channels_last on the ATen engine makes the MLP gate pixel-major (and
+    reads its gradient so), by the piecewise-linear and the per-tile encoder kernels."""
     dtype = torch.float64
     kind = encoder[0]
     out_ch = 9 if kind == "bilinear" else 4
     fused, ref = _twins(backend, dtype, 3, out_ch, 3, 1, 1, 1, 1, True, "zeros", encoder)
     for size in [(9, 12), (7, 10)]:  # a multiple of the map sizes, and not
-        x = _make_input((2, 3, *size), "contiguous", dtype, device=_device(backend))
+        x = _make_input((2, 3, *size), layout, dtype, device=_device(backend))
         _check_layer(fused, ref, x, dtype)
+
+
+@pytest.mark.parametrize("engine", ["aten", "aten_rows", "implicit_gemm"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pixel_major_gate_gives_the_same_results(engine, layout):
+    """A gate with (Ho, Wo, C) memory (what the modules cache for a channels_last input)
+    gives the contiguous gate's output and gradients, bit for bit; the operator's gate
+    gradient is contiguous either way."""
+    ops = torch.ops.coordgate_ext
+    x = _make_input((2, 4, 9, 7), layout, torch.float32, requires_grad=False)
+    w, b = torch.randn(6, 4, 3, 3), torch.randn(6)
+    gate = torch.rand(6, 9, 7)
+    pixel_major = gate.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    assert not pixel_major.is_contiguous()
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    grad_out = _make_input((2, 6, 9, 7), layout, torch.float32, requires_grad=False)
+    with _cpu_settings("aten" if engine == "aten_rows" else engine, 1 if engine == "aten_rows" else None):
+        results = []
+        for g in (gate, pixel_major):
+            out, conv = ops.gated_conv2d(x, w, b, g, *geometry, None, None, True)
+            grads = ops.gated_conv2d_backward(grad_out, x, w, b, g, conv, *geometry, None, None,
+                                              [True] * 4 + [False] * 2)
+            assert grads[3].is_contiguous()
+            results.append((out, conv, *grads[:4]))
+    for want, got in zip(*results):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

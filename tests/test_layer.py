@@ -78,6 +78,28 @@ def test_gate_cached_in_eval_and_invalidated():
         assert len(calls) == 5, "a dtype change invalidates the cache"
 
 
+def test_eval_cache_keeps_a_pixel_major_gate_for_channels_last():
+    """A channels_last input on the CPU reads the cached gate from a pixel-major copy, made
+    once and refreshed with the map; gate_map stays contiguous."""
+    layer = cg.FusedCoordGateConv2d(3, 5, 3, padding=1, backend="cpu").eval()
+    expected = cg.FusedCoordGateConv2d(3, 5, 3, padding=1, backend="reference").eval()
+    expected.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 3, 10, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        layer(x.contiguous())
+        assert layer._gate_cache[2] is None, "an NCHW input reads the contiguous map"
+        assert_close(layer(x), expected(x))
+        _, gate, pixel_major = layer._gate_cache
+        assert gate.is_contiguous() and layer.gate_map(10, 9) is gate
+        assert pixel_major.permute(1, 2, 0).is_contiguous() and torch.equal(pixel_major, gate)
+        assert layer(x).is_contiguous(memory_format=torch.channels_last)
+        assert layer._gate_cache[2] is pixel_major, "the copy is made once"
+        for module in (layer, expected):
+            module.encoder.layers[1].bias.add_(0.5)
+        assert_close(layer(x), expected(x))
+        assert not torch.equal(layer._gate_cache[2], pixel_major), "a parameter update refreshes the copy"
+
+
 def test_gate_not_cached_when_training_or_differentiating():
     layer = cg.FusedCoordGateConv2d(3, 4, 3, padding=1, backend="cpu")
     x = torch.randn(1, 3, 8, 8)

@@ -54,6 +54,26 @@ def _opcheck_cases():
     cases.append(("gated_conv2d", "float32", conv_args(torch.contiguous_format, True, True, torch.float32)))
     cases.append(("gated_conv2d", "mix-save", conv_args(torch.contiguous_format, True, True, mix=True)))
     cases.append(("gated_conv2d", "mix-channels-last", conv_args(torch.channels_last, False, False, mix=True)))
+    # float32 channels_last (the ATen engine) with a pixel-major gate, which it reads in place.
+    x32, w32, b32, gate32, *geometry32, _, _, _ = conv_args(torch.channels_last, True, True, torch.float32)
+    pixel_major = gate32.detach().permute(1, 2, 0).contiguous().permute(2, 0, 1).requires_grad_()
+    cases.append(("gated_conv2d", "channels-last-pixel-major-gate-f32",
+                  (x32, w32, b32, pixel_major, *geometry32, None, None, True)))
+    conv32 = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    grad32 = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    cases.append(("gated_conv2d_backward", "channels-last-pixel-major-gate-f32",
+                  (grad32, x32.detach(), w32.detach(), b32.detach(), pixel_major.detach(), conv32, *geometry32,
+                   None, None, [True] * 4 + [False] * 2)))
+    relu_w, relu_b = _mlp((2, 5, 6), torch.float32)
+    cases.append(("mlp_gated_conv2d", "cl-f32-relu",
+                  (x32, w32, b32, relu_w, relu_b, "relu", "relu", *geometry32, None, None, True)))
+    cases.append(("mlp_gated_conv2d_backward", "cl-f32-relu",
+                  (grad32, x32.detach(), w32.detach(), b32.detach(), [t.detach() for t in relu_w],
+                   [t.detach() for t in relu_b], "relu", "relu", conv32, *geometry32, None, None,
+                   [True] * 4 + [False] * 2)))
+    cases.append(("mlp_gate_backward", "relu-pixel-major-grad",
+                  (_t(5, 7, 4, grad=False).permute(2, 0, 1), [t.detach() for t in w], [t.detach() for t in b],
+                   5, 7, "relu", "relu")))
     masks = ([True] * 4 + [False] * 2, [False, True, False, True, False, False], [True] + [False] * 5)
     mix_masks = ([True] * 6, [False, False, False, False, True, True], [True, False, False, True, True, False])
     conv = torch.randn(2, 6, 5, 7, dtype=torch.float64)

@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import functional
 from ..ops import dispatch
+from ..ops.gated_conv2d import output_memory_format
 from .encoders import GateCache, make_encoder
 
 
@@ -81,8 +82,11 @@ class FusedCoordGateConv2d(GateCache, nn.Conv2d):
                 f"{type(self).__name__}: the output would be empty ({out_h}x{out_w}) for an input of "
                 f"{input.shape[-2]}x{input.shape[-1]} and kernel {self.kernel_size}"
             )
+        # A channels_last input on the CPU reads a cached gate pixel-major (see _forward_gate).
+        pixel_major = input.device.type == "cpu" and output_memory_format(input) == torch.channels_last
+        gate = self._forward_gate(out_h, out_w, pixel_major)
         return functional.coordgate_conv2d(
-            input, self.weight, self.bias, self._forward_gate(out_h, out_w), self.stride, self.padding, self.dilation,
+            input, self.weight, self.bias, gate, self.stride, self.padding, self.dilation,
             self.groups, padding_mode=self.padding_mode, mix_weight=mix_weight,
             mix_bias=mix_bias, recompute=self.recompute, backend=self.backend,
         )

@@ -160,13 +160,24 @@ class GateCache:
         wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
         return not (self.training or wants_grad or torch.compiler.is_compiling())
 
-    def _forward_gate(self, height: int, width: int):
+    def _forward_gate(self, height: int, width: int, pixel_major: bool = False):
         """What a forward passes as the gated convolution's ``gate``: the cached (or freshly
         computed) map, or, for an MLP encoder whose gate is not cacheable, its parameters, so
-        that the op evaluates the gate itself in forward and again in backward."""
+        that the op evaluates the gate itself in forward and again in backward.
+
+        ``pixel_major``: a cached map is passed with (height, width, C) memory, the layout the
+        CPU kernels read for a channels_last input (given a contiguous map they transpose it
+        on every call). The pixel-major copy is made once and cached beside the map."""
         if isinstance(self.encoder, MLPEncoder) and not self._gate_cacheable():
             return self.encoder.spec()
-        return GateCache.gate_map(self, height, width)
+        gate = GateCache.gate_map(self, height, width)
+        if not pixel_major or self._gate_cache is None:
+            return gate
+        key, _, copy = self._gate_cache
+        if copy is None:
+            copy = gate.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+            self._gate_cache = (key, gate, copy)
+        return copy
 
     def gate_map(self, height: int, width: int) -> torch.Tensor:
         """The (C, height, width) gate on an output grid of height x width."""
@@ -176,5 +187,6 @@ class GateCache:
         key = self._gate_cache_key(height, width)
         if self._gate_cache is None or self._gate_cache[0] != key:
             with torch.no_grad():
-                self._gate_cache = (key, self.encoder(height, width, backend=self.backend))
+                # (key, the contiguous map, its pixel-major copy once one is asked for)
+                self._gate_cache = (key, self.encoder(height, width, backend=self.backend), None)
         return self._gate_cache[1]

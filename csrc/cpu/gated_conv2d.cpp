@@ -268,8 +268,7 @@ void scatter_band_input_grad(at::Tensor& grad_input, const at::Tensor& gi, int64
   written = std::max(written, in.end);
 }
 
-// dst = src^T for src (rows, cols) and dst (cols, rows), both contiguous, in the compute
-// dtype: tiles of kPixelBlock elements (a block of columns by every row), each transposed
+// dst = src^T for src (rows, cols) and dst (cols, rows), both contiguous: tiles of kPixelBlock elements (a block of columns by every row), each transposed
 // while it is in L1. PyTorch's strided copy (permute().contiguous()) took 74 ms of a 127 ms
 // channels_last eval call at 2, 3->64, 512x512; with this transpose the call took 68 ms.
 at::Tensor transposed(const at::Tensor& src) {
@@ -277,7 +276,7 @@ at::Tensor transposed(const at::Tensor& src) {
   auto dst = empty_cached({cols, rows}, src.scalar_type(), at::MemoryFormat::Contiguous);
   const int64_t block = std::max<int64_t>(1, kPixelBlock / std::max<int64_t>(1, rows));
   const int64_t blocks = (cols + block - 1) / block;
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "coordgate_transposed", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "coordgate_transposed", [&] {
     const scalar_t* s = src.data_ptr<scalar_t>();
     scalar_t* d = dst.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -292,10 +291,23 @@ at::Tensor transposed(const at::Tensor& src) {
   return dst;
 }
 
+// A (C, Ho, Wo) gate (or gate gradient) as a contiguous tensor: a pixel-major one by the
+// tiled transpose, anything else by ATen.
+at::Tensor contiguous_gate(const at::Tensor& gate) {
+  if (gate.is_contiguous() || !pixel_major(gate)) return gate.contiguous();
+  const int64_t C = gate.size(0), P = gate.size(1) * gate.size(2);
+  return transposed(gate.permute({1, 2, 0}).reshape({P, C})).view(gate.sizes());
+}
+
 // The gate laid out as the kernels above read it: (C, P) for NCHW, (P, C) for channels_last.
+// A channels_last call given a pixel-major gate (as the modules' eval cache keeps it) reads
+// it in place; any other gate is transposed, once per call.
 at::Tensor gate_layout(const at::Tensor& gate, at::ScalarType dtype, bool channels_last) {
-  auto g = gate.to(dtype).contiguous();
-  return channels_last ? transposed(g.view({g.size(0), g.size(1) * g.size(2)})) : g;
+  const int64_t C = gate.size(0), P = gate.size(1) * gate.size(2);
+  const auto g = gate.to(dtype);
+  if (channels_last && pixel_major(g)) return g.permute({1, 2, 0}).reshape({P, C});
+  const auto contiguous = contiguous_gate(g);
+  return channels_last ? transposed(contiguous.view({C, P})) : contiguous;
 }
 
 std::optional<at::Tensor> cast_optional(const std::optional<at::Tensor>& t,
@@ -512,22 +524,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
     if (mask[2]) grad_bias = gb_sum.to(dtype).contiguous();
   }
   if (output_mask[3]) {
-    grad_gate = (channels_last ? transposed(dgate) : dgate).view({C, out_h, out_w}).to(dtype);
+    // channels_last: (Ho, Wo, C) memory, as the kernels wrote it.
+    grad_gate = (channels_last ? dgate.view({out_h, out_w, C}).permute({2, 0, 1})
+                               : dgate.view({C, out_h, out_w}))
+                    .to(dtype);
   }
   return {grad_input, grad_weight, grad_bias, grad_gate};
 }
 
 }  // namespace
 
+bool pixel_major(const at::Tensor& gate) { return gate.permute({1, 2, 0}).is_contiguous(); }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gated_conv2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          const at::Tensor& gate, const at::Tensor& conv_out,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups,
-                          const std::optional<at::Tensor>& mix_weight,
-                          const std::optional<at::Tensor>& mix_bias,
-                          std::array<bool, 6> output_mask) {
+gated_conv2d_backward_cpu_pixel_major(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& gate, const at::Tensor& conv_out,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
+    std::array<bool, 6> output_mask) {
   check_gated_conv2d_args(input, weight, bias, gate, stride, padding, dilation, groups);
   check_mix_args(mix_weight, mix_bias, input, weight.size(0));
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -541,6 +556,24 @@ gated_conv2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
         return std::get<1>(gated_conv2d_cpu(input, weight, bias, gate, stride, padding,
                                             dilation, groups, std::nullopt, std::nullopt, true));
       });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_conv2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& gate, const at::Tensor& conv_out,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups,
+                          const std::optional<at::Tensor>& mix_weight,
+                          const std::optional<at::Tensor>& mix_bias,
+                          std::array<bool, 6> output_mask) {
+  auto grads = gated_conv2d_backward_cpu_pixel_major(grad_out, input, weight, bias, gate,
+                                                     conv_out, stride, padding, dilation,
+                                                     groups, mix_weight, mix_bias, output_mask);
+  // The operator's gate gradient is contiguous, whatever the input's layout.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  std::get<3>(grads) = contiguous_gate(std::get<3>(grads));
+  return grads;
 }
 
 TORCH_LIBRARY_IMPL(coordgate_ext, CPU, m) {

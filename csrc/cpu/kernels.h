@@ -68,6 +68,13 @@ at::Tensor mlp_gate_cpu(at::TensorList weights, at::TensorList biases, int64_t h
                         int64_t width, c10::string_view hidden_activation,
                         c10::string_view gate_activation);
 
+// mlp_gate_cpu with the gate's memory pixel-major, (height, width, C), when pixel_major.
+at::Tensor mlp_gate_cpu_in(at::TensorList weights, at::TensorList biases, int64_t height,
+                           int64_t width, c10::string_view hidden_activation,
+                           c10::string_view gate_activation, bool pixel_major);
+
+// Reads a pixel-major grad_gate in place for two-layer encoders with a relu (or no) hidden
+// activation; any other layout or encoder is made contiguous first.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_gate_backward_cpu(
     const at::Tensor& grad_gate, at::TensorList weights, at::TensorList biases, int64_t height,
     int64_t width, c10::string_view hidden_activation, c10::string_view gate_activation);
@@ -77,6 +84,22 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
     const at::Tensor& gate, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& mix_weight,
     const std::optional<at::Tensor>& mix_bias, bool save_conv);
+
+// Whether a (C, Ho, Wo) gate's memory is pixel-major, (Ho, Wo, C): the layout the ATen
+// engine reads for a channels_last input. A channels_last call given such a gate reads it in
+// place; any other gate it transposes, once per call (and the gate gradient back).
+bool pixel_major(const at::Tensor& gate);
+
+// gated_conv2d_backward_cpu with the gate gradient as the kernels write it: pixel-major for
+// a channels_last input on the ATen engine (what mlp_gate_backward_cpu reads in place),
+// contiguous otherwise. The operator's gradient is always contiguous.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_conv2d_backward_cpu_pixel_major(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& gate, const at::Tensor& conv_out,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
+    std::array<bool, 6> output_mask);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 gated_conv2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,

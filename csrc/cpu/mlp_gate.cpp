@@ -199,8 +199,10 @@ struct RowUnits {
   }
 };
 
+// gate: (C, height, width) memory, or (height, width, C) where pixel_major.
 template <typename T>
-void piecewise_linear_gate_kernel(const Mlp& m, int64_t height, int64_t width, T* gate) {
+void piecewise_linear_gate_kernel(const Mlp& m, int64_t height, int64_t width, bool pixel_major,
+                                  T* gate) {
   const int64_t units = m.weight[0].size(0), channels = m.weight[1].size(0);
   const int64_t pixels = height * width;
   std::vector<T> q(width);
@@ -213,6 +215,16 @@ void piecewise_linear_gate_kernel(const Mlp& m, int64_t height, int64_t width, T
       for (int64_t i = begin; i < end; ++i) {
         row.compute(m, grid_coordinate<T>(i, height), q.data(), width);
         row.for_each_segment(m, width, s0, s1, events, [&](int64_t s, int64_t t) {
+          if (pixel_major) {
+            for (int64_t j = s; j < t; ++j) {
+              T* out = gate + (i * width + j) * channels;
+              for (int64_t c = 0; c < channels; ++c) {
+                out[c] = activate<decltype(A)::value>(
+                    static_cast<T>(s0[c] + s1[c] * static_cast<double>(q[j])));
+              }
+            }
+            return;
+          }
           for (int64_t c = 0; c < channels; ++c) {
             T* out = gate + c * pixels + i * width;
             for (int64_t j = s; j < t; ++j) {
@@ -257,9 +269,12 @@ void range_sums(const T* g, const T* q, int64_t lo, int64_t hi, double& sum0, do
   }
 }
 
+// grad_gate: (C, height, width) memory, or (height, width, C) where pixel_major (each row
+// is then transposed into a per-thread (C, width) buffer, in cache, before it is summed).
 template <typename T>
 void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t width,
-                                      const T* grad_gate, std::vector<at::Tensor>& grad_w,
+                                      const T* grad_gate, bool pixel_major,
+                                      std::vector<at::Tensor>& grad_w,
                                       std::vector<at::Tensor>& grad_b) {
   const int64_t units = m.weight[0].size(0), channels = m.weight[1].size(0);
   const int64_t pixels = height * width;
@@ -280,6 +295,7 @@ void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t widt
       std::vector<double> c0(channels * (max_segments + 1)), c1(channels * (max_segments + 1));
       std::vector<int64_t> bounds;
       std::vector<std::pair<int64_t, int64_t>> events;
+      std::vector<T> row_grad(pixel_major ? channels * width : 0);
       for (int64_t block = begin; block < end; ++block) {
         double* gw1 = parts.data() + block * part_size;
         double* gb1 = gw1 + 2 * units;
@@ -288,12 +304,19 @@ void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t widt
         for (int64_t i = block * kRowBlock; i < std::min(height, (block + 1) * kRowBlock); ++i) {
           const T r = grid_coordinate<T>(i, height);
           row.compute(m, r, q.data(), width);
+          if (pixel_major) {
+            for (int64_t j = 0; j < width; ++j) {
+              const T* src = grad_gate + (i * width + j) * channels;
+              for (int64_t c = 0; c < channels; ++c) row_grad[c * width + j] = src[c];
+            }
+          }
           bounds.clear();
           row.for_each_segment(m, width, s0, s1, events, [&](int64_t s, int64_t t) {
             const int64_t k = static_cast<int64_t>(bounds.size());
             bounds.push_back(s);
             for (int64_t c = 0; c < channels; ++c) {
-              const T* g = grad_gate + c * pixels + i * width;
+              const T* g = pixel_major ? row_grad.data() + c * width
+                                       : grad_gate + c * pixels + i * width;
               double& sum0 = c0[c * (max_segments + 1) + k + 1];
               double& sum1 = c1[c * (max_segments + 1) + k + 1];
               constexpr Activation act = decltype(A)::value;
@@ -365,40 +388,58 @@ void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t widt
     const double* part = parts.data() + block * part_size;
     for (int64_t k = 0; k < part_size; ++k) total[k] += part[k];
   }
+  // Each gradient its own copy (outputs of an operator never alias one another, and in
+  // float64 a plain .to(dtype) would return views of sum).
   const auto dtype = m.weight[0].scalar_type();
-  grad_w.push_back(sum.narrow(0, 0, 2 * units).view({units, 2}).to(dtype));
-  grad_b.push_back(sum.narrow(0, 2 * units, units).to(dtype));
-  grad_w.push_back(sum.narrow(0, 3 * units, channels * units).view({channels, units}).to(dtype));
-  grad_b.push_back(sum.narrow(0, 3 * units + channels * units, channels).to(dtype));
+  auto part = [&](int64_t offset, int64_t size) {
+    return sum.narrow(0, offset, size).to(dtype, /*non_blocking=*/false, /*copy=*/true);
+  };
+  grad_w.push_back(part(0, 2 * units).view({units, 2}));
+  grad_b.push_back(part(2 * units, units));
+  grad_w.push_back(part(3 * units, channels * units).view({channels, units}));
+  grad_b.push_back(part(3 * units + channels * units, channels));
 }
 
+// gate: (C, height, width) memory, or (height, width, C) where pixel_major.
 template <typename T>
-void mlp_gate_kernel(const Mlp& m, int64_t height, int64_t width, at::Tensor& gate) {
+void mlp_gate_kernel(const Mlp& m, int64_t height, int64_t width, bool pixel_major, T* gate) {
   if (piecewise_linear(m)) {
-    piecewise_linear_gate_kernel<T>(m, height, width, gate.data_ptr<T>());
+    piecewise_linear_gate_kernel<T>(m, height, width, pixel_major, gate);
     return;
   }
-  const int64_t pixels = height * width;
+  const int64_t pixels = height * width, channels = m.weight.back().size(0);
+  const auto options = m.weight[0].options();
   const int64_t tiles = (pixels + kTile - 1) / kTile;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     // Grad mode and dispatch state are thread-local: set them on every worker.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tile tile(m, gate.options());
+    Tile tile(m, options);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p0 = t * kTile;
       const int64_t count = std::min(kTile, pixels - p0);
-      tile.forward<T>(m, p0, count, height, width, gate.data_ptr<T>() + p0, pixels);
+      if (!pixel_major) {
+        tile.forward<T>(m, p0, count, height, width, gate + p0, pixels);
+        continue;
+      }
+      // The tile's gate is (C, count) in L2: transposed out from there.
+      tile.forward<T>(m, p0, count, height, width);
+      const T* a = tile.act.back().data_ptr<T>();
+      for (int64_t p = 0; p < count; ++p) {
+        T* out = gate + (p0 + p) * channels;
+        for (int64_t c = 0; c < channels; ++c) out[c] = a[c * kTile + p];
+      }
     }
   });
 }
 
+// grad_gate: contiguous, or pixel-major for a piecewise_linear encoder.
 template <typename T>
 void mlp_gate_backward_kernel(const Mlp& m, int64_t height, int64_t width,
                               const at::Tensor& grad_gate, std::vector<at::Tensor>& grad_w,
                               std::vector<at::Tensor>& grad_b) {
   if (piecewise_linear(m)) {
-    piecewise_linear_backward_kernel<T>(m, height, width, grad_gate.data_ptr<T>(), grad_w,
-                                        grad_b);
+    piecewise_linear_backward_kernel<T>(m, height, width, grad_gate.data_ptr<T>(),
+                                        !grad_gate.is_contiguous(), grad_w, grad_b);
     return;
   }
   const int64_t pixels = height * width;
@@ -485,6 +526,13 @@ Mlp make_mlp(at::TensorList weights, at::TensorList biases, at::ScalarType dtype
 at::Tensor mlp_gate_cpu(at::TensorList weights, at::TensorList biases, int64_t height,
                         int64_t width, c10::string_view hidden_activation,
                         c10::string_view gate_activation) {
+  return mlp_gate_cpu_in(weights, biases, height, width, hidden_activation, gate_activation,
+                         false);
+}
+
+at::Tensor mlp_gate_cpu_in(at::TensorList weights, at::TensorList biases, int64_t height,
+                           int64_t width, c10::string_view hidden_activation,
+                           c10::string_view gate_activation, bool pixel_major) {
   check_mlp_args(weights, biases, height, width);
   // The kernels call ATen ops: keep them off the autograd graph.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -492,10 +540,15 @@ at::Tensor mlp_gate_cpu(at::TensorList weights, at::TensorList biases, int64_t h
   const auto cdtype = compute_dtype(dtype);
   const Mlp m = make_mlp(weights, biases, cdtype, hidden_activation, gate_activation);
   // From the output cache: inside mlp_gated_conv2d the gate is a temporary of every step.
-  auto gate = empty_cached({m.weight.back().size(0), height, width}, cdtype,
-                           at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES(cdtype, "mlp_gate_cpu",
-                             [&] { mlp_gate_kernel<scalar_t>(m, height, width, gate); });
+  const int64_t channels = m.weight.back().size(0);
+  auto gate = pixel_major ? empty_cached({height, width, channels}, cdtype,
+                                         at::MemoryFormat::Contiguous)
+                                .permute({2, 0, 1})
+                          : empty_cached({channels, height, width}, cdtype,
+                                         at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(cdtype, "mlp_gate_cpu", [&] {
+    mlp_gate_kernel<scalar_t>(m, height, width, pixel_major, gate.data_ptr<scalar_t>());
+  });
   return gate.to(dtype);
 }
 
@@ -513,7 +566,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_gate_backward_c
   const auto dtype = weights[0].scalar_type();
   const auto cdtype = compute_dtype(dtype);
   const Mlp m = make_mlp(weights, biases, cdtype, hidden_activation, gate_activation);
-  const auto gg = grad_gate.to(cdtype).contiguous();
+  const auto cast = grad_gate.to(cdtype);
+  const bool in_place = piecewise_linear(m) && !cast.is_contiguous() && pixel_major(cast);
+  const auto gg = in_place ? cast : cast.contiguous();
   std::vector<at::Tensor> grad_w, grad_b;
   AT_DISPATCH_FLOATING_TYPES(cdtype, "mlp_gate_backward_cpu", [&] {
     mlp_gate_backward_kernel<scalar_t>(m, height, width, gg, grad_w, grad_b);

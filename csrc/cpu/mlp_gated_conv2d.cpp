@@ -12,6 +12,13 @@
 namespace coordgate {
 namespace {
 
+// Whether the gate is made pixel-major: for a channels_last input on the ATen engine, which
+// reads it so (and writes the gate gradient so, which mlp_gate_backward_cpu reads in place).
+bool pixel_major_gate_for(const at::Tensor& input, bool implicit_gemm) {
+  return !implicit_gemm && input.dim() == 4 &&
+         output_memory_format(input) == at::MemoryFormat::ChannelsLast;
+}
+
 std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::TensorList encoder_weights, at::TensorList encoder_biases,
@@ -52,8 +59,9 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
     }
     return {out.to(dtype), save_conv ? y.to(dtype) : at::empty({0}, input.options())};
   }
-  const auto gate = mlp_gate_cpu(encoder_weights, encoder_biases, out_h, out_w,
-                                 hidden_activation, gate_activation);
+  const auto gate = mlp_gate_cpu_in(encoder_weights, encoder_biases, out_h, out_w,
+                                    hidden_activation, gate_activation,
+                                    pixel_major_gate_for(input, implicit_gemm_forward_for(cdtype)));
   return gated_conv2d_cpu(input, weight, bias, gate.to(input.scalar_type()), stride, padding,
                           dilation, groups, mix_weight, mix_bias, save_conv);
 }
@@ -68,7 +76,14 @@ mlp_gated_conv2d_backward_cpu(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const std::optional<at::Tensor>& mix_weight, const std::optional<at::Tensor>& mix_bias,
     std::array<bool, 6> output_mask) {
-  return mlp_gated_conv2d_backward_with(&mlp_gate_cpu, &gated_conv2d_backward_cpu,
+  const bool pixel_major = pixel_major_gate_for(
+      input, implicit_gemm_backward_for(compute_dtype(input.scalar_type())));
+  auto mlp_gate = [pixel_major](at::TensorList weights, at::TensorList biases, int64_t height,
+                                int64_t width, c10::string_view hidden,
+                                c10::string_view gate_act) {
+    return mlp_gate_cpu_in(weights, biases, height, width, hidden, gate_act, pixel_major);
+  };
+  return mlp_gated_conv2d_backward_with(mlp_gate, &gated_conv2d_backward_cpu_pixel_major,
                                         &mlp_gate_backward_cpu, grad_out, input, weight,
                                         bias, encoder_weights, encoder_biases, hidden_activation,
                                         gate_activation, conv_out, stride, padding, dilation,
