@@ -134,15 +134,17 @@ EncoderParams<T> encoder_params(const EncoderSpec& spec) {
 // A backend's kernels, as mlp_gated_conv2d_backward composes them.
 using MlpGateFn = std::function<at::Tensor(at::TensorList, at::TensorList, int64_t, int64_t,
                                            c10::string_view, c10::string_view)>;
-using MlpGateBackwardFn = std::function<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(
-    const at::Tensor&, at::TensorList, at::TensorList, int64_t, int64_t, c10::string_view,
-    c10::string_view)>;
-using GatedBackwardFn =
-    std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-        const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-        int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-        std::array<bool, 6>)>;
+using EncoderGrads = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>;
+using MlpGateBackwardFn =
+    std::function<EncoderGrads(const at::Tensor&, at::TensorList, at::TensorList, int64_t,
+                               int64_t, c10::string_view, c10::string_view)>;
+using GatedGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using GatedBackwardFn = std::function<GatedGrads(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+    int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    std::array<bool, 6>)>;
 
 // mlp_gated_conv2d_backward from a backend's kernels: the gate map evaluated again (the
 // encoder is tiny), the gated backward with it, and the encoder's gradients from the gate's.

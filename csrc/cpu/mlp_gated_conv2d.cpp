@@ -59,9 +59,9 @@ std::tuple<at::Tensor, at::Tensor> mlp_gated_conv2d_cpu(
     }
     return {out.to(dtype), save_conv ? y.to(dtype) : at::empty({0}, input.options())};
   }
+  const bool pixel_major = pixel_major_gate_for(input, implicit_gemm_forward_for(cdtype));
   const auto gate = mlp_gate_cpu_in(encoder_weights, encoder_biases, out_h, out_w,
-                                    hidden_activation, gate_activation,
-                                    pixel_major_gate_for(input, implicit_gemm_forward_for(cdtype)));
+                                    hidden_activation, gate_activation, pixel_major);
   return gated_conv2d_cpu(input, weight, bias, gate.to(input.scalar_type()), stride, padding,
                           dilation, groups, mix_weight, mix_bias, save_conv);
 }
