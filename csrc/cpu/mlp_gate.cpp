@@ -269,8 +269,9 @@ void range_sums(const T* g, const T* q, int64_t lo, int64_t hi, double& sum0, do
   }
 }
 
-// grad_gate: (C, height, width) memory, or (height, width, C) where pixel_major (each row
-// is then transposed into a per-thread (C, width) buffer, in cache, before it is summed).
+// grad_gate: (C, height, width) memory, or (height, width, C) where pixel_major. Each row is
+// first copied (transposed, where pixel_major) into a per-thread (C, width) buffer, in cache,
+// and summed there.
 template <typename T>
 void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t width,
                                       const T* grad_gate, bool pixel_major,
@@ -295,7 +296,7 @@ void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t widt
       std::vector<double> c0(channels * (max_segments + 1)), c1(channels * (max_segments + 1));
       std::vector<int64_t> bounds;
       std::vector<std::pair<int64_t, int64_t>> events;
-      std::vector<T> row_grad(pixel_major ? channels * width : 0);
+      std::vector<T> row_grad(channels * width);
       for (int64_t block = begin; block < end; ++block) {
         double* gw1 = parts.data() + block * part_size;
         double* gb1 = gw1 + 2 * units;
@@ -305,9 +306,14 @@ void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t widt
           const T r = grid_coordinate<T>(i, height);
           row.compute(m, r, q.data(), width);
           if (pixel_major) {
-            for (int64_t j = 0; j < width; ++j) {
-              const T* src = grad_gate + (i * width + j) * channels;
-              for (int64_t c = 0; c < channels; ++c) row_grad[c * width + j] = src[c];
+            transpose_tiled(grad_gate + i * width * channels, channels, width, channels,
+                            row_grad.data(), width);
+          } else {
+            // The channels' rows lie a whole grid apart: summed in place, segment after
+            // segment, they share a few cache sets where the grid is a power of two.
+            for (int64_t c = 0; c < channels; ++c) {
+              const T* src = grad_gate + c * pixels + i * width;
+              std::copy(src, src + width, row_grad.data() + c * width);
             }
           }
           bounds.clear();
@@ -315,8 +321,7 @@ void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t widt
             const int64_t k = static_cast<int64_t>(bounds.size());
             bounds.push_back(s);
             for (int64_t c = 0; c < channels; ++c) {
-              const T* g = pixel_major ? row_grad.data() + c * width
-                                       : grad_gate + c * pixels + i * width;
+              const T* g = row_grad.data() + c * width;
               double& sum0 = c0[c * (max_segments + 1) + k + 1];
               double& sum1 = c1[c * (max_segments + 1) + k + 1];
               constexpr Activation act = decltype(A)::value;
