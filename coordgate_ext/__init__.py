@@ -13,9 +13,11 @@ from .ops._library import (
     cpu_band_bytes,
     cpu_cache_bytes,
     cpu_engine,
+    cpu_stream_bytes,
     empty_cpu_cache,
     set_cpu_band_bytes,
     set_cpu_engine,
+    set_cpu_stream_bytes,
 )
 from .ops.dispatch import BackendUnavailableError, available_backends
 
@@ -36,6 +38,8 @@ __all__ = [
     "cpu_engine",
     "set_cpu_band_bytes",
     "cpu_band_bytes",
+    "set_cpu_stream_bytes",
+    "cpu_stream_bytes",
 ]
 
 __version__ = "0.1.0"

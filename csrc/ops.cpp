@@ -421,19 +421,37 @@ PyObject* cpu_engine(PyObject*, PyObject*) {
   return PyUnicode_FromString(kEngineNames[static_cast<int>(coordgate::cpu_engine())]);
 }
 
-PyObject* set_cpu_band_bytes(PyObject*, PyObject* arg) {
+// A byte count of at least `minimum` for the setting `what`, or -1 with a Python error set.
+long long byte_setting(PyObject* arg, const char* what, long long minimum) {
   const long long bytes = PyLong_AsLongLong(arg);
-  if (bytes == -1 && PyErr_Occurred()) return nullptr;
-  if (bytes < 1) {
-    PyErr_Format(PyExc_ValueError, "cpu band bytes must be at least 1, got %lld", bytes);
-    return nullptr;
+  if (bytes == -1 && PyErr_Occurred()) return -1;
+  if (bytes < minimum) {
+    PyErr_Format(PyExc_ValueError, "%s must be at least %lld, got %lld", what, minimum, bytes);
+    return -1;
   }
+  return bytes;
+}
+
+PyObject* set_cpu_band_bytes(PyObject*, PyObject* arg) {
+  const long long bytes = byte_setting(arg, "cpu band bytes", 1);
+  if (bytes < 0) return nullptr;
   coordgate::set_cpu_band_bytes(bytes);
   Py_RETURN_NONE;
 }
 
 PyObject* cpu_band_bytes(PyObject*, PyObject*) {
   return PyLong_FromLongLong(coordgate::cpu_band_bytes());
+}
+
+PyObject* set_cpu_stream_bytes(PyObject*, PyObject* arg) {
+  const long long bytes = byte_setting(arg, "cpu stream bytes", 0);
+  if (bytes < 0) return nullptr;
+  coordgate::set_cpu_stream_bytes(bytes);
+  Py_RETURN_NONE;
+}
+
+PyObject* cpu_stream_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(coordgate::cpu_stream_bytes());
 }
 
 PyMethodDef module_methods[] = {
@@ -444,6 +462,12 @@ PyMethodDef module_methods[] = {
      "Output bytes per band of the ATen engine's banded convolution."},
     {"cpu_band_bytes", cpu_band_bytes, METH_NOARGS,
      "Output bytes per band of the ATen engine's banded convolution."},
+    {"set_cpu_stream_bytes", set_cpu_stream_bytes, METH_O,
+     "Output bytes from which the ATen engine writes the forward's outputs with streaming "
+     "stores."},
+    {"cpu_stream_bytes", cpu_stream_bytes, METH_NOARGS,
+     "Output bytes from which the ATen engine writes the forward's outputs with streaming "
+     "stores."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
      "Frees the host buffers cached for the CPU kernels' large outputs."},
     {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS,

@@ -195,6 +195,18 @@ def test_cpu_band_bytes_errors():
     assert cg.cpu_band_bytes() == default
 
 
+def test_cpu_stream_bytes_errors():
+    default = cg.cpu_stream_bytes()
+    assert default == 128 << 20
+    with pytest.raises(ValueError, match="cpu stream bytes must be at least 0, got -1"):
+        cg.set_cpu_stream_bytes(-1)
+    with pytest.raises(TypeError, match="cpu stream bytes must be an int, got str"):
+        cg.set_cpu_stream_bytes("1")
+    with pytest.raises(ValueError, match="cpu stream bytes must be at least 0, got -3"):
+        cg.ops._library._C.set_cpu_stream_bytes(-3)
+    assert cg.cpu_stream_bytes() == default
+
+
 @pytest.mark.parametrize("engine", ["aten", "implicit_gemm"])
 @pytest.mark.parametrize("overrides,message", OP_ERRORS, ids=[m for _, m in OP_ERRORS])
 def test_op_errors_under_each_cpu_engine(engine, overrides, message):

@@ -25,6 +25,7 @@ from conftest import assert_close, assert_low_precision
 FUSED_BACKENDS = [
     "cpu-aten",
     "cpu-aten_rows",
+    "cpu-aten_stream",
     "cpu-implicit_gemm",
     "cpu-auto",
     pytest.param("cuda", marks=pytest.mark.skipif(
@@ -34,17 +35,21 @@ FUSED_BACKENDS = [
 
 
 @contextlib.contextmanager
-def _cpu_settings(engine: str, band_bytes: int | None = None):
-    """The CPU engine (and the ATen engine's band bytes) for the block, restored after it."""
-    previous, previous_band = cg.cpu_engine(), cg.cpu_band_bytes()
+def _cpu_settings(engine: str, band_bytes: int | None = None, stream_bytes: int | None = None):
+    """The CPU engine (and the ATen engine's band and stream bytes) for the block, restored
+    after it."""
+    previous = cg.cpu_engine(), cg.cpu_band_bytes(), cg.cpu_stream_bytes()
     cg.set_cpu_engine(engine)
     if band_bytes is not None:
         cg.set_cpu_band_bytes(band_bytes)
+    if stream_bytes is not None:
+        cg.set_cpu_stream_bytes(stream_bytes)
     try:
         yield
     finally:
-        cg.set_cpu_engine(previous)
-        cg.set_cpu_band_bytes(previous_band)
+        cg.set_cpu_engine(previous[0])
+        cg.set_cpu_band_bytes(previous[1])
+        cg.set_cpu_stream_bytes(previous[2])
 
 
 @pytest.fixture(params=FUSED_BACKENDS)
@@ -53,13 +58,18 @@ def backend(request):
         yield "cuda"
         return
     name, engine = request.param.split("-", 1)
-    band_bytes = None
+    band_bytes = stream_bytes = None
     if engine == "aten_rows":
         # The ATen engine with bands of one output row of one sample: every band's input
         # halo, its zero padding at the image's edges, strides and dilations go through the
         # row-band path that large images take.
         engine, band_bytes = "aten", 1
-    with _cpu_settings(engine, band_bytes):
+    elif engine == "aten_stream":
+        # The ATen engine writing every forward output with non-temporal stores, as it does
+        # for outputs of hundreds of MiB: odd sizes put the stores' unaligned heads and tails
+        # and the ungated output's unaligned case to the test.
+        engine, stream_bytes = "aten", 0
+    with _cpu_settings(engine, band_bytes, stream_bytes):
         yield name
 
 

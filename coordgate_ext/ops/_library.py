@@ -66,22 +66,42 @@ def cpu_engine() -> str:
     return _extension().cpu_engine()
 
 
+def _check_bytes(nbytes, what: str, minimum: int) -> None:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"{what} must be an int, got {type(nbytes).__name__}")
+    if nbytes < minimum:
+        raise ValueError(f"{what} must be at least {minimum}, got {nbytes}")
+
+
 def set_cpu_band_bytes(nbytes: int) -> None:
     """Output bytes per band of the "aten" engine: it calls ATen's convolution on a few samples
     or a few output rows at a time and gates each band while it is in cache (default 2 MiB,
     measured best here under glibc's default allocator, where bigger bands fault in fresh
     pages; under a heap allocator such as jemalloc, bigger bands made the forward a little
     faster: see the README; 1 makes every band one output row). Process-wide."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-        raise TypeError(f"cpu band bytes must be an int, got {type(nbytes).__name__}")
-    if nbytes < 1:
-        raise ValueError(f"cpu band bytes must be at least 1, got {nbytes}")
+    _check_bytes(nbytes, "cpu band bytes", 1)
     _extension().set_cpu_band_bytes(nbytes)
 
 
 def cpu_band_bytes() -> int:
     """Output bytes per band of the "aten" engine's banded convolution (see set_cpu_band_bytes)."""
     return _extension().cpu_band_bytes()
+
+
+def set_cpu_stream_bytes(nbytes: int) -> None:
+    """Output bytes (the gated output, plus the ungated one when it is saved for backward)
+    from which the "aten" engine's forward writes its float32 outputs with non-temporal
+    stores, straight to memory instead of through the cache (default 128 MiB: faster where the
+    outputs are far larger than the cache, slower where the next operation still finds them
+    there; see the README; 0 streams every output). Process-wide."""
+    _check_bytes(nbytes, "cpu stream bytes", 0)
+    _extension().set_cpu_stream_bytes(nbytes)
+
+
+def cpu_stream_bytes() -> int:
+    """Output bytes from which the "aten" engine's forward streams its outputs (see
+    set_cpu_stream_bytes)."""
+    return _extension().cpu_stream_bytes()
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

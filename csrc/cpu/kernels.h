@@ -42,6 +42,13 @@ constexpr int64_t kDefaultBandBytes = 2 << 20;
 void set_cpu_band_bytes(int64_t bytes);
 int64_t cpu_band_bytes();
 
+// Output bytes from which the ATen engine's forward gate pass writes its outputs with
+// non-temporal stores (see gated_conv2d.cpp); default kDefaultStreamBytes. Set with
+// coordgate_ext.set_cpu_stream_bytes (>= 0; 0 streams every output, which the tests use).
+constexpr int64_t kDefaultStreamBytes = int64_t{128} << 20;
+void set_cpu_stream_bytes(int64_t bytes);
+int64_t cpu_stream_bytes();
+
 // Where the implicit GEMM's backward writes; an undefined tensor is a gradient not asked
 // for. input: like the input (zero padding needs no initialisation: every element is
 // written); weight_parts (implicit_gemm_tiles, C/groups, K) and bias_parts
