@@ -421,51 +421,49 @@ PyObject* cpu_engine(PyObject*, PyObject*) {
   return PyUnicode_FromString(kEngineNames[static_cast<int>(coordgate::cpu_engine())]);
 }
 
-// A byte count of at least `minimum` for the setting `what`, or -1 with a Python error set.
-long long byte_setting(PyObject* arg, const char* what, long long minimum) {
+// A process-wide byte-count setting of the CPU kernels, as Python sees it.
+struct ByteSetting {
+  const char* what;
+  long long minimum;
+  void (*set)(int64_t);
+  int64_t (*get)();
+};
+
+constexpr ByteSetting kBandBytes{"cpu band bytes", 1, &coordgate::set_cpu_band_bytes,
+                                 &coordgate::cpu_band_bytes};
+constexpr ByteSetting kStreamBytes{"cpu stream bytes", 0, &coordgate::set_cpu_stream_bytes,
+                                   &coordgate::cpu_stream_bytes};
+
+template <const ByteSetting& S>
+PyObject* set_bytes(PyObject*, PyObject* arg) {
   const long long bytes = PyLong_AsLongLong(arg);
-  if (bytes == -1 && PyErr_Occurred()) return -1;
-  if (bytes < minimum) {
-    PyErr_Format(PyExc_ValueError, "%s must be at least %lld, got %lld", what, minimum, bytes);
-    return -1;
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  if (bytes < S.minimum) {
+    PyErr_Format(PyExc_ValueError, "%s must be at least %lld, got %lld", S.what, S.minimum,
+                 bytes);
+    return nullptr;
   }
-  return bytes;
-}
-
-PyObject* set_cpu_band_bytes(PyObject*, PyObject* arg) {
-  const long long bytes = byte_setting(arg, "cpu band bytes", 1);
-  if (bytes < 0) return nullptr;
-  coordgate::set_cpu_band_bytes(bytes);
+  S.set(bytes);
   Py_RETURN_NONE;
 }
 
-PyObject* cpu_band_bytes(PyObject*, PyObject*) {
-  return PyLong_FromLongLong(coordgate::cpu_band_bytes());
-}
-
-PyObject* set_cpu_stream_bytes(PyObject*, PyObject* arg) {
-  const long long bytes = byte_setting(arg, "cpu stream bytes", 0);
-  if (bytes < 0) return nullptr;
-  coordgate::set_cpu_stream_bytes(bytes);
-  Py_RETURN_NONE;
-}
-
-PyObject* cpu_stream_bytes(PyObject*, PyObject*) {
-  return PyLong_FromLongLong(coordgate::cpu_stream_bytes());
+template <const ByteSetting& S>
+PyObject* get_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(S.get());
 }
 
 PyMethodDef module_methods[] = {
     {"set_cpu_engine", set_cpu_engine, METH_O,
      "Chooses how the CPU kernels convolve: 'auto', 'aten' or 'implicit_gemm'."},
     {"cpu_engine", cpu_engine, METH_NOARGS, "The CPU kernels' convolution engine."},
-    {"set_cpu_band_bytes", set_cpu_band_bytes, METH_O,
+    {"set_cpu_band_bytes", set_bytes<kBandBytes>, METH_O,
      "Output bytes per band of the ATen engine's banded convolution."},
-    {"cpu_band_bytes", cpu_band_bytes, METH_NOARGS,
+    {"cpu_band_bytes", get_bytes<kBandBytes>, METH_NOARGS,
      "Output bytes per band of the ATen engine's banded convolution."},
-    {"set_cpu_stream_bytes", set_cpu_stream_bytes, METH_O,
+    {"set_cpu_stream_bytes", set_bytes<kStreamBytes>, METH_O,
      "Output bytes from which the ATen engine writes the forward's outputs with streaming "
      "stores."},
-    {"cpu_stream_bytes", cpu_stream_bytes, METH_NOARGS,
+    {"cpu_stream_bytes", get_bytes<kStreamBytes>, METH_NOARGS,
      "Output bytes from which the ATen engine writes the forward's outputs with streaming "
      "stores."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,

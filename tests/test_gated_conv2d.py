@@ -25,7 +25,6 @@ from conftest import assert_close, assert_low_precision
 FUSED_BACKENDS = [
     "cpu-aten",
     "cpu-aten_rows",
-    "cpu-aten_stream",
     "cpu-implicit_gemm",
     "cpu-auto",
     pytest.param("cuda", marks=pytest.mark.skipif(
@@ -38,7 +37,8 @@ FUSED_BACKENDS = [
 def _cpu_settings(engine: str, band_bytes: int | None = None, stream_bytes: int | None = None):
     """The CPU engine (and the ATen engine's band and stream bytes) for the block, restored
     after it."""
-    previous = cg.cpu_engine(), cg.cpu_band_bytes(), cg.cpu_stream_bytes()
+    engine_before, band_before, stream_before = (cg.cpu_engine(), cg.cpu_band_bytes(),
+                                                 cg.cpu_stream_bytes())
     cg.set_cpu_engine(engine)
     if band_bytes is not None:
         cg.set_cpu_band_bytes(band_bytes)
@@ -47,9 +47,9 @@ def _cpu_settings(engine: str, band_bytes: int | None = None, stream_bytes: int 
     try:
         yield
     finally:
-        cg.set_cpu_engine(previous[0])
-        cg.set_cpu_band_bytes(previous[1])
-        cg.set_cpu_stream_bytes(previous[2])
+        cg.set_cpu_engine(engine_before)
+        cg.set_cpu_band_bytes(band_before)
+        cg.set_cpu_stream_bytes(stream_before)
 
 
 @pytest.fixture(params=FUSED_BACKENDS)
@@ -58,18 +58,13 @@ def backend(request):
         yield "cuda"
         return
     name, engine = request.param.split("-", 1)
-    band_bytes = stream_bytes = None
+    band_bytes = None
     if engine == "aten_rows":
         # The ATen engine with bands of one output row of one sample: every band's input
         # halo, its zero padding at the image's edges, strides and dilations go through the
         # row-band path that large images take.
         engine, band_bytes = "aten", 1
-    elif engine == "aten_stream":
-        # The ATen engine writing every forward output with non-temporal stores, as it does
-        # for outputs of hundreds of MiB: odd sizes put the stores' unaligned heads and tails
-        # and the ungated output's unaligned case to the test.
-        engine, stream_bytes = "aten", 0
-    with _cpu_settings(engine, band_bytes, stream_bytes):
+    with _cpu_settings(engine, band_bytes):
         yield name
 
 
@@ -422,6 +417,33 @@ def test_random_geometry_matches_reference(n, groups, kernel, stride, dilation, 
     x = _make_input((n, 2 * groups, h, w), "channels_last" if channels_last else "contiguous",
                     torch.float64)
     _check_layer(fused, ref, x, torch.float64)
+
+
+@pytest.mark.parametrize("bands", ["samples", "rows"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels", [5, 8])
+def test_streaming_stores_give_the_same_outputs(channels, layout, bands):
+    """The forward gate pass with non-temporal stores (taken for outputs of at least
+    cpu_stream_bytes, here every output) writes exactly what the cached stores write: the
+    output and the saved convolution, bit for bit, for odd channel counts and widths (runs
+    with unaligned heads and tails, in either layout), whole-sample and one-row bands."""
+    torch.manual_seed(0)
+    x = _make_input((3, 4, 13, 11), layout, torch.float32, requires_grad=False)
+    w = torch.randn(channels, 4, 3, 3)
+    b = torch.randn(channels)
+    gate = torch.rand(channels, 13, 11)
+    args = (x, w, b, gate, [1, 1], [1, 1], [1, 1], 1, None, None)
+    band_bytes = 1 if bands == "rows" else None
+    for save_conv in (True, False):
+        with _cpu_settings("aten", band_bytes, stream_bytes=cg.cpu_stream_bytes()):
+            cached = torch.ops.coordgate_ext.gated_conv2d(*args, save_conv)
+        with _cpu_settings("aten", band_bytes, stream_bytes=0):
+            streamed = torch.ops.coordgate_ext.gated_conv2d(*args, save_conv)
+        assert torch.equal(streamed[0], cached[0])
+        assert torch.equal(streamed[1], cached[1])
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        assert streamed[0].is_contiguous(memory_format=fmt)
+    assert_close(streamed[0], reference.gated_conv2d(x, w, b, gate, [1, 1], [1, 1], [1, 1], 1))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

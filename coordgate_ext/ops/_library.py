@@ -90,10 +90,11 @@ def cpu_band_bytes() -> int:
 
 def set_cpu_stream_bytes(nbytes: int) -> None:
     """Output bytes (the gated output, plus the ungated one when it is saved for backward)
-    from which the "aten" engine's forward writes its float32 outputs with non-temporal
-    stores, straight to memory instead of through the cache (default 128 MiB: faster where the
+    from which the "aten" engine's forward writes float32 outputs with non-temporal stores,
+    straight to memory instead of through the cache (default 128 MiB: faster where the
     outputs are far larger than the cache, slower where the next operation still finds them
-    there; see the README; 0 streams every output). Process-wide."""
+    there; see the README; 0 streams every output). Not with a 1x1 mix, nor for float16 /
+    bfloat16 inputs: their float32 outputs are read again at once. Process-wide."""
     _check_bytes(nbytes, "cpu stream bytes", 0)
     _extension().set_cpu_stream_bytes(nbytes)
 

@@ -15,11 +15,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdint>
-#include <cstdlib>
-#include <type_traits>
 #include <array>
 #include <atomic>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
@@ -48,12 +47,14 @@ constexpr int64_t kPixelBlock = 4096;
 std::atomic<int64_t> g_band_bytes{kDefaultBandBytes};
 
 // Output bytes (the gated output, and the ungated one when saved) from which the forward gate
-// pass writes them with non-temporal stores (kDefaultStreamBytes unless set). Measured under
-// a heap allocator, 2 cores (AMD EPYC, 32 MiB L3), training / eval forward before -> after:
-// 2, 3->64, 512x512 (256 / 128 MiB written): 28.2 -> 24.6 / 18.7 -> 16.4 ms (channels_last
-// 21.1 -> 17.6 / 13.0 -> 11.7); 1, 32->32, 1024x1024 (256 / 128 MiB): 72.4 -> 69.2 /
-// 59.6 -> 58.8 ms; but 8, 64->64, 128x128 (64 / 32 MiB): 25.8 -> 27.0 / 24.7 -> 25.7 ms,
-// where the output is still partly in cache when the next operation reads it.
+// pass writes them with non-temporal stores (kDefaultStreamBytes unless set; float32 outputs
+// without a mix only: a mix or a cast back to float16 / bfloat16 reads the outputs right
+// away). Heap allocator, 2 cores (AMD EPYC, 32 MiB L3), training / eval forward, streaming
+// off -> on in one run: 2, 3->64, 512x512 (256 / 128 MiB written): 28.2 -> 24.6 / 18.7 -> 16.4
+// ms (channels_last 21.1 -> 17.6 / 13.0 -> 11.7); 1, 32->32, 1024x1024 (256 / 128 MiB):
+// 72.4 -> 69.2 / 59.6 -> 58.8 ms; but eval at 4, 32->32, 256x256 (32 MiB) 14.0 -> 14.9 ms
+// and 8, 64->64, 128x128 (64 / 32 MiB) 25.8 -> 27.0 / 24.7 -> 25.7 ms, where the next
+// operation still finds the outputs in cache.
 std::atomic<int64_t> g_stream_bytes{kDefaultStreamBytes};
 
 // Samples [n0, n1) and output rows [r0, r1) of the convolution's output.
@@ -212,7 +213,7 @@ inline void stream_fence(bool stream) {
 // The forward gate pass of one band: out = yb * gate and, if y_save, y_save = yb, at the
 // band's place. yb is the band's convolution; gate is (C, Ho * Wo) for NCHW, (Ho * Wo, C)
 // for channels_last; out and y_save are the full outputs, written with non-temporal stores
-// where stream (float only).
+// where stream (float only; out and y_save must then be 16-byte aligned).
 template <typename T>
 void gate_band_kernel(const T* yb, const T* gate, T* out, T* y_save, const BandLayout& L,
                       bool channels_last, bool stream) {
@@ -477,6 +478,7 @@ std::tuple<at::Tensor, at::Tensor> gated_conv2d_cpu(
   const auto g = gate_layout(gate, cdtype, channels_last);
   // Streaming stores need the outputs' bases aligned alike (see gate_run_stream).
   const bool stream =
+      dtype == at::kFloat && !mix_weight &&
       out.nbytes() * (save_conv ? 2 : 1) >= static_cast<size_t>(cpu_stream_bytes()) &&
       aligned16(out.data_ptr()) && (!save_conv || aligned16(y.data_ptr()));
   AT_DISPATCH_FLOATING_TYPES(cdtype, "gated_conv2d_cpu", [&] {
