@@ -435,7 +435,7 @@ def test_streaming_stores_give_the_same_outputs(channels, layout, bands):
     args = (x, w, b, gate, [1, 1], [1, 1], [1, 1], 1, None, None)
     band_bytes = 1 if bands == "rows" else None
     for save_conv in (True, False):
-        with _cpu_settings("aten", band_bytes, stream_bytes=cg.cpu_stream_bytes()):
+        with _cpu_settings("aten", band_bytes):
             cached = torch.ops.coordgate_ext.gated_conv2d(*args, save_conv)
         with _cpu_settings("aten", band_bytes, stream_bytes=0):
             streamed = torch.ops.coordgate_ext.gated_conv2d(*args, save_conv)

@@ -140,7 +140,7 @@ at::Tensor band_conv(const BandInput& in, const at::Tensor& w, const std::option
 // per call instead of two per band. Where the cores are shared with other busy processes,
 // every region waits for its slowest thread to be scheduled: with two busy-loop processes on
 // the 2-core development machine, eval forward at 16, 16->16, 5, 128x128 took 62-316 ms with
-// a region per band (the bare convolution: 29-56 ms) and 36-38 ms with one. Alone, it was as
+// a region per band (the bare convolution: 29-56 ms) and 35-38 ms with one. Alone, it was as
 // fast or faster (heap allocator, 2, 3->64, 512x512 eval: 15.7 -> 14.3 ms).
 template <typename Visit>
 void for_each_band(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
