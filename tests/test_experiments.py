@@ -1,5 +1,5 @@
 """The metrics (PSNR, SSIM, MSE), the training loop (the loss falls; checkpoints resume
-exactly) and the command line on the "quick" preset."""
+exactly) and the command line on the "quick" preset, with and without matplotlib."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import pytest
 import torch
 
 from coordgate_ext import data, metrics
-from coordgate_ext.experiments import PRESETS, TaskSettings, main, train
+from coordgate_ext.experiments import PRESETS, TaskSettings, core, main, report, run, train
 from coordgate_ext.experiments.core import build_1d, build_2d, predict
 
 
@@ -174,3 +175,68 @@ def test_command_line_model_selection_and_errors(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["--preset", "quick", "--out", str(tmp_path), *argv])
         assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- optional matplotlib
+
+#: One 1-D model on the "quick" preset: the smallest run of the command line.
+QUICK_1D = ["--preset", "quick", "--no-progress", "--models", "coordgate"]
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib unimportable, as where it is not installed: a None entry in sys.modules makes
+    importing it, or any of its submodules already loaded by an earlier test, raise ImportError."""
+    for name in ["matplotlib"] + [n for n in sys.modules if n.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.fixture
+def trainings(monkeypatch):
+    """The label of every model that core.train is called on, in order."""
+    labels = []
+    real_train = core.train
+
+    def recording_train(*args, **kwargs):
+        labels.append(kwargs["label"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(core, "train", recording_train)
+    return labels
+
+
+def test_missing_matplotlib_stops_before_training(tmp_path, capsys, no_matplotlib, trainings):
+    with pytest.raises(SystemExit):
+        main([*QUICK_1D, "--out", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert 'pip install "coordgate_ext[experiments]"' in error and "--no-figure" in error
+    settings = PRESETS["quick"]()
+    settings.out, settings.progress = str(tmp_path), False
+    with pytest.raises(ImportError, match=r"needs matplotlib.*figure=False"):
+        run(settings)
+    assert trainings == [] and os.listdir(tmp_path) == []
+
+
+def test_no_figure_runs_without_matplotlib(tmp_path, capsys, no_matplotlib, trainings):
+    outcome = main([*QUICK_1D, "--out", str(tmp_path), "--no-figure"])
+    printed = capsys.readouterr().out
+    assert trainings == ["1d coordgate"]
+    assert "CoordGate CNN" in printed and "figure:" not in printed
+    assert outcome["paths"]["figure"] is None and not os.path.exists(tmp_path / "figure.png")
+    saved = json.load(open(outcome["paths"]["json"]))
+    assert saved["settings"]["figure"] is False
+    assert [r["model"] for r in saved["tasks"]["1d"]["results"]] == ["coordgate"]
+
+
+def test_results_are_written_before_the_figure(tmp_path, capsys, monkeypatch):
+    def failing_figure(runs, path, example=0):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(report, "save_figure", failing_figure)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        main([*QUICK_1D, "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "CoordGate CNN" in printed and f"results: {tmp_path / 'results.json'}" in printed
+    saved = json.load(open(tmp_path / "results.json"))
+    assert [r["model"] for r in saved["tasks"]["1d"]["results"]] == ["coordgate"]
+    assert os.path.exists(tmp_path / "checkpoints" / "1d-coordgate.pt")

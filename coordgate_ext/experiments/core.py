@@ -49,7 +49,8 @@ class TaskSettings:
 @dataclass
 class Settings:
     """A whole run. ``tasks`` is a subset of ("2d", "1d"); ``out`` receives the checkpoints,
-    the figure and results.json."""
+    the figure and results.json. ``figure`` False skips the figure, and with it the need
+    for matplotlib."""
 
     tasks: tuple[str, ...] = ("2d", "1d")
     task_2d: TaskSettings = field(default_factory=lambda: TaskSettings(
@@ -62,6 +63,7 @@ class Settings:
     checkpoint_every: int = 0
     resume: bool = False
     progress: bool = True
+    figure: bool = True
 
 
 def _preset_quick() -> Settings:

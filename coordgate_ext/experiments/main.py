@@ -25,6 +25,15 @@ examples:
   python -m coordgate_ext.experiments --preset long --device cuda
   python -m coordgate_ext.experiments --tasks 2d --models unet,coordgate-unet --steps 1000
   python -m coordgate_ext.experiments --width coordgate-unet=16 --seed 1
+  python -m coordgate_ext.experiments --no-figure           # without matplotlib
+
+outputs (in --out):
+  results.json      the settings and every model's scores; written, and the table printed,
+                    before the figure is drawn, so a failure while plotting loses no result
+  checkpoints/      one per model (--resume continues from them)
+  figure.png        needs matplotlib, an optional dependency: pip install "coordgate_ext[experiments]"
+                    (or pip install matplotlib). Without it the run stops before any training
+                    and says so; --no-figure skips the figure instead.
 """
 
 
@@ -43,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, dict[str, list[
     parser = argparse.ArgumentParser(
         prog="python -m coordgate_ext.experiments",
         description="Train CoordGate and the usual alternatives on generated spatially varying "
-        "blur (2-D restoration, 1-D operator learning); print a table and save a figure.",
+        "blur (2-D restoration, 1-D operator learning); print a table, save results.json and a figure.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
@@ -63,7 +72,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, dict[str, list[
     parser.add_argument("--checkpoint-every", type=int, default=0, help="also save every N steps (0: at the end)")
     parser.add_argument("--resume", action="store_true", help="continue each model from its checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-figure", action="store_true",
+                        help="write the table and results.json only (no figure.png, no matplotlib needed)")
     args = parser.parse_args(argv)
+    if not args.no_figure:
+        try:
+            report.require_plotting()
+        except ImportError as error:
+            parser.error(str(error))
 
     settings = PRESETS[args.preset]()
     if args.tasks is not None:
@@ -78,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, dict[str, list[
         parser.error("--device cuda: this torch has no usable CUDA device")
     settings = dataclasses.replace(settings, seed=args.seed, device=device, out=args.out,
                                    checkpoint_every=args.checkpoint_every, resume=args.resume,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, figure=not args.no_figure)
     widths = _parse_widths(parser, args.width)
     unknown = set(widths) - set(MODELS_2D) - set(MODELS_1D)
     if unknown:
@@ -105,30 +121,37 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, dict[str, list[
 
 
 def run(settings: Settings, names: dict[str, list[str] | None] | None = None) -> dict[str, dict]:
-    """Runs every task of ``settings`` (see run_task), writes results.json and figure.png into
-    settings.out, and returns {task: run_task's output} plus "figure" and "json" paths under
-    the key "paths"."""
+    """Runs every task of ``settings`` (see run_task), writes results.json into settings.out,
+    prints the table and, if settings.figure, then saves figure.png. Returns {"runs": {task:
+    run_task's output}, "paths": {"json": path, "figure": path or None}}.
+
+    Raises ImportError before any training when the figure is wanted and matplotlib cannot
+    be imported. Everything else is written before the figure is drawn, so an error while
+    plotting loses no trained result."""
     names = names or {}
+    if settings.figure:
+        report.require_plotting()
     os.makedirs(settings.out, exist_ok=True)
     runs = {task: run_task(task, settings, names.get(task)) for task in settings.tasks}
-    json_path = os.path.join(settings.out, "results.json")
-    figure_path = os.path.join(settings.out, "figure.png")
-    report.save_json(runs, json_path, settings)
-    report.save_figure(runs, figure_path)
-    return {"runs": runs, "paths": {"json": json_path, "figure": figure_path}}
+    paths = {"json": os.path.join(settings.out, "results.json"), "figure": None}
+    report.save_json(runs, paths["json"], settings)
+    print()
+    print(report.format_table(runs))
+    print()
+    print(f"results: {os.path.abspath(paths['json'])}", flush=True)
+    if settings.figure:
+        paths["figure"] = os.path.join(settings.out, "figure.png")
+        report.save_figure(runs, paths["figure"])
+        print(f"figure:  {os.path.abspath(paths['figure'])}")
+    return {"runs": runs, "paths": paths}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """The command line: parses ``argv``, runs, prints the table and the output paths."""
+    """The command line: parses ``argv`` and runs (see run), then prints the total time."""
     start = time.perf_counter()
     settings, names = parse_args(argv)
     print(f"coordgate_ext experiments: tasks {', '.join(settings.tasks)}, device {settings.device}, "
           f"seed {settings.seed}, {torch.get_num_threads()} CPU threads", flush=True)
     outcome = run(settings, names)
-    print()
-    print(report.format_table(outcome["runs"]))
-    print()
-    print(f"figure:  {os.path.abspath(outcome['paths']['figure'])}")
-    print(f"results: {os.path.abspath(outcome['paths']['json'])}")
     print(f"total wall time: {time.perf_counter() - start:.0f} s")
     return outcome

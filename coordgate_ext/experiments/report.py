@@ -1,4 +1,5 @@
-"""The run's outputs: the printed table, results.json and the PNG figure."""
+"""The run's outputs: the printed table, results.json and the PNG figure (the one part
+that needs matplotlib, an optional dependency)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,21 @@ def save_json(runs: dict[str, dict], path: str, settings) -> None:
         json.dump(payload, f, indent=1)
 
 
+#: How to get the figure's one optional dependency, or do without it.
+PLOTTING_FIX = ('pip install "coordgate_ext[experiments]" (or pip install matplotlib), or skip the '
+                "figure: --no-figure on the command line, Settings(figure=False) in run()")
+
+
+def require_plotting() -> None:
+    """Raises ImportError, naming the fix, if save_figure could not import matplotlib; called
+    before training so that a missing package costs seconds, not a whole run."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"the figure needs matplotlib, which cannot be imported ({error}): "
+                          f"{PLOTTING_FIX}") from error
+
+
 def _show_image(ax, image: torch.Tensor, title: str, vmax: float) -> None:
     ax.imshow(image.clamp(min=0).numpy(), cmap="magma", vmin=0, vmax=vmax)
     ax.set_title(title, fontsize=8)
@@ -66,10 +82,8 @@ def save_figure(runs: dict[str, dict], path: str, example: int = 0) -> None:
     U-Net's first gated layer (six channels, each scaled to its own range); for the 1-D task,
     a held-out signal with the target and each model's output, and the CoordGate CNN's
     first-layer gate along the signal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no global backend is switched in the caller's session.
+    from matplotlib.figure import Figure
 
     from .. import metrics
 
@@ -80,7 +94,7 @@ def save_figure(runs: dict[str, dict], path: str, example: int = 0) -> None:
         rows += ["1d"]
     run2 = runs.get("2d")
     columns = 2 + len(run2["results"]) if run2 else 4
-    fig = plt.figure(figsize=(2.2 * columns, 2.4 * len(rows) + 0.4))
+    fig = Figure(figsize=(2.2 * columns, 2.4 * len(rows) + 0.4))
     grid = fig.add_gridspec(len(rows), columns)
     for row, kind in enumerate(rows):
         if kind == "2d-images":
@@ -129,4 +143,3 @@ def save_figure(runs: dict[str, dict], path: str, example: int = 0) -> None:
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
