@@ -82,8 +82,9 @@ def _model(shape, dtype) -> dict[str, float]:
 def _make(shape, dtype, backend, memory_format=torch.contiguous_format):
     n, cin, c, k, h, w = shape
     torch.manual_seed(0)
+    # nn.Linear's initialisation: a gate that varies over the field, as a trained one does.
     layer = cg.FusedCoordGateConv2d(cin, c, k, padding=k // 2, encoder_hidden=ENCODER_HIDDEN,
-                                    device=DEVICE, dtype=dtype, backend=backend)
+                                    gate_init="default", device=DEVICE, dtype=dtype, backend=backend)
     x = torch.randn(n, cin, h, w, device=DEVICE, dtype=dtype)
     return layer, x.contiguous(memory_format=memory_format)
 

@@ -21,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(4, 32, args.size, args.size, requires_grad=True)
-    layer = cg.FusedCoordGateConv2d(32, 32, 3, padding=1, backend="cpu")
+    layer = cg.FusedCoordGateConv2d(32, 32, 3, padding=1, backend="cpu", gate_init="default")
     for mode in ("train_fwd", "fwd+bwd"):
         def step():
             out = layer(x)

@@ -146,7 +146,8 @@ def coordgate_model(rank: int, backend: str) -> FusedCoordGateBlock2d:
     """
     return FusedCoordGateBlock2d(
         1, rank, 1, KERNEL_SIZE, padding=KERNEL_SIZE // 2, encoder="mlp", encoder_layers=3,
-        encoder_hidden=32, hidden_activation="relu", gate_activation="none", backend=backend,
+        encoder_hidden=32, hidden_activation="relu", gate_activation="none", gate_init="default",
+        backend=backend,
     )
 
 

@@ -21,12 +21,13 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int):
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if is_int(value):
         return (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+    pair = tuple(value) if isinstance(value, (tuple, list, torch.Size)) else None
+    if pair is None or len(pair) != 2 or not all(is_int(v) for v in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return value
+    return pair
 
 
 def _same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, int, int, int]:
@@ -108,7 +109,8 @@ class MLPGate(NamedTuple):
 def _autocast(*tensors):
     """Casts floating tensors to the autocast dtype when autocast is on for their device."""
     device_type = next(t for t in tensors if t is not None).device.type
-    if not torch.is_autocast_enabled(device_type):
+    # Devices without autocast (meta) would make is_autocast_enabled raise.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(None if t is None else t.to(dtype) for t in tensors)
@@ -181,7 +183,7 @@ def coordgate_conv2d(
     # The ungated convolution is what the gate's and the mix weight's gradients need.
     mix_needs_grad = mix_weight is not None and mix_weight.requires_grad
     save_conv = torch.is_grad_enabled() and (gate_needs_grad or mix_needs_grad) and not recompute
-    backend = dispatch.resolve(backend, input.device)
+    backend = dispatch.resolve(backend, input.device, input.dtype)
     if backend == "triton":
         from .ops import triton_ops  # imports triton: only when this backend runs
 

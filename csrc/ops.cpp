@@ -351,11 +351,11 @@ TORCH_LIBRARY(coordgate_ext, m) {
   // gate[:, i, j] = gate_act(W_L ... hidden_act(W_1 [r_i, q_j] + b_1) ... + b_L),
   // r = linspace(-1, 1, height), q = linspace(-1, 1, width).
   m.def(
-      "mlp_gate(Tensor[] weights, Tensor[] biases, int height, int width, "
+      "mlp_gate(Tensor[] weights, Tensor[] biases, SymInt height, SymInt width, "
       "str hidden_activation, str gate_activation) -> Tensor");
   m.def(
-      "mlp_gate_backward(Tensor grad_gate, Tensor[] weights, Tensor[] biases, int height, "
-      "int width, str hidden_activation, str gate_activation) -> (Tensor[], Tensor[])");
+      "mlp_gate_backward(Tensor grad_gate, Tensor[] weights, Tensor[] biases, SymInt height, "
+      "SymInt width, str hidden_activation, str gate_activation) -> (Tensor[], Tensor[])");
   // gated = gate[None] * (conv2d(input, weight, bias, stride, padding, dilation, groups));
   // out = gated, or conv2d(gated, mix_weight (Cout, C, 1, 1), mix_bias) with a 1x1 mix.
   // Returns (out, conv) where conv is the ungated convolution when save_conv is true (what

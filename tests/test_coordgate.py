@@ -356,7 +356,9 @@ def test_forward_rejects_wrong_channel_count():
         ours(torch.randn(2, 3, 8, 8, dtype=DTYPE))
 
 
-def test_forward_rejects_3d_input():
+def test_forward_rejects_2d_and_5d_input():
     ours = _ours(4, 3, "mlp", "reference", "cpu")
-    with pytest.raises(ValueError, match=r"CoordGate: expected a 4-D input \(N, C, H, W\), got 3-D"):
-        ours(torch.randn(4, 8, 8, dtype=DTYPE))
+    for shape in ((4, 8), (1, 1, 4, 8, 8)):
+        with pytest.raises(ValueError, match=rf"CoordGate: expected a 3-D \(C, H, W\) or 4-D \(N, C, H, W\) "
+                                             rf"input, got {len(shape)}-D"):
+            ours(torch.randn(*shape, dtype=DTYPE))

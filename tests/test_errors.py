@@ -117,8 +117,10 @@ def test_public_api_errors():
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(RuntimeError, match=r"expected input with 4 channels .* got 3"):
         cg.FusedCoordGateConv2d(4, 6, 3, backend="cpu")(x)
-    with pytest.raises(ValueError, match=r"expected a 4-D input \(N, C, H, W\), got 3-D"):
-        cg.FusedCoordGateConv2d(3, 6, 3, backend="cpu")(x[0])
+    with pytest.raises(ValueError, match=r"expected a 3-D \(C, H, W\) or 4-D \(N, C, H, W\) input, got 5-D"):
+        cg.FusedCoordGateConv2d(3, 6, 3, backend="cpu")(x[None])
+    with pytest.raises(ValueError, match=r"expected a 2-D \(C, L\) or 3-D \(N, C, L\) input, got 4-D"):
+        cg.FusedCoordGateConv1d(3, 6, 3, backend="cpu")(x)
     with pytest.raises(ValueError, match=r"the output would be empty \(0x0\) for an input of 8x8 and kernel \(9, 9\)"):
         cg.FusedCoordGateConv2d(3, 6, 9, backend="cpu")(x)
     with pytest.raises(RuntimeError, match=r"must have one dtype"):
@@ -148,6 +150,84 @@ def test_constructor_errors():
         cg.FusedCoordGateConv2d(3, 6, 3, gate_activation="swish")
     with pytest.raises(ValueError, match=r"backend must be 'auto' or one of reference, cpu, triton, cuda; got 'gpu'"):
         cg.FusedCoordGateConv2d(3, 6, 3, backend="gpu")
+    with pytest.raises(ValueError, match=r"gate_init must be one of one, default; got 'zero'"):
+        cg.FusedCoordGateConv2d(3, 6, 3, gate_init="zero")
+    with pytest.raises(ValueError, match=r"encoder_hidden must be a positive int, got 0"):
+        cg.FusedCoordGateConv2d(3, 6, 3, encoder_hidden=0)
+
+
+CONV_ARGUMENT_ERRORS = [
+    (dict(stride=1.5), r"FusedCoordGateConv2d: stride must be a positive int or a tuple of 2 positive ints, got 1.5"),
+    (dict(stride=(1, 0)), r"stride must be a positive int .* got \(1, 0\)"),
+    (dict(stride=(1, 1, 1)), r"stride must be a positive int or a tuple of 2 positive ints, got \(1, 1, 1\)"),
+    (dict(dilation=0), r"dilation must be a positive int .* got 0"),
+    (dict(kernel_size=2.0), r"kernel_size must be a positive int .* got 2.0"),
+    (dict(padding=-1), r"padding must be 'same', 'valid', a non-negative int or a tuple of 2 of them, got -1"),
+    (dict(padding=(1, 0.5)), r"padding must be .* got \(1, 0.5\)"),
+    (dict(encoder="map", map_size=(0, 4)), r"map_size must be 2 positive ints, got \(0, 4\)"),
+    (dict(encoder="map", map_size=4), r"map_size must be 2 positive ints, got 4"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", CONV_ARGUMENT_ERRORS, ids=[m for _, m in CONV_ARGUMENT_ERRORS])
+def test_conv_argument_errors(overrides, message):
+    """Each says which argument, what was expected and what was got (nn.Conv2d takes them
+    and fails at the first forward with "'float' object is not iterable" and the like)."""
+    with pytest.raises(ValueError, match=message):
+        cg.FusedCoordGateConv2d(3, 6, **{"kernel_size": 3, **overrides})
+
+
+def test_conv1d_and_coordgate_argument_errors():
+    with pytest.raises(ValueError, match=r"FusedCoordGateConv1d: stride must be a positive int or a tuple of 1 "
+                                         r"positive ints, got 1.5"):
+        cg.FusedCoordGateConv1d(3, 6, 3, stride=1.5)
+    with pytest.raises(ValueError, match=r"FusedCoordGateConv1d: map_size must be an int or \(m,\), got \(2, 2\)"):
+        cg.FusedCoordGateConv1d(3, 6, 3, encoder="map", map_size=(2, 2))
+    with pytest.raises(ValueError, match=r"map_size must be 2 positive ints, got \(4, 0\)"):
+        cg.CoordGate(9, 4, encoder="bilinear", map_size=(4, 0))
+
+
+def test_functional_argument_errors():
+    x, w, gate = torch.randn(1, 3, 8, 8), torch.randn(6, 3, 3, 3), torch.rand(6, 6, 6)
+    with pytest.raises(ValueError, match=r"stride must be an int or a pair of ints, got 1.5"):
+        cg.coordgate_conv2d(x, w, None, gate, stride=1.5)
+    with pytest.raises(ValueError, match=r"dilation must be an int or a pair of ints, got \(1, 2, 3\)"):
+        cg.coordgate_conv2d(x, w, None, gate, dilation=(1, 2, 3))
+
+
+def test_a_failed_extension_load_warns_once_with_the_cause(tmp_path):
+    """A copy of the package without the compiled extension: one warning at import naming
+    the missing module and the fix; the reference still runs, and asking for the C++
+    backend says why it cannot."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(cg.__file__).parent
+    shutil.copytree(package, tmp_path / "coordgate_ext", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    script = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import coordgate_ext as cg\n"
+        "    import coordgate_ext.ops, coordgate_ext.nn\n"
+        "print(len(caught)); print(caught[0].message)\n"
+        "import torch\n"
+        "print(cg.FusedCoordGateConv2d(2, 3, 3)(torch.randn(1, 2, 5, 5)).shape)\n"
+        "try:\n"
+        "    cg.FusedCoordGateConv2d(2, 3, 3, backend='cpu')(torch.randn(1, 2, 5, 5))\n"
+        "except cg.BackendUnavailableError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    count, message, shape, refusal = done.stdout.strip().splitlines()
+    assert count == "1"
+    assert "No module named 'coordgate_ext._C'" in message and "make build" in message
+    assert "circular import" not in message
+    assert shape == "torch.Size([1, 3, 3, 3])"
+    assert "backend 'cpu' is not available" in refusal and "No module named 'coordgate_ext._C'" in refusal
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU makes the CUDA-side backends available")
@@ -252,3 +332,12 @@ def test_mlp_gated_conv2d_op_errors(engine, overrides, message):
             ops.mlp_gated_conv2d(**_mlp_conv_args(**overrides))
     finally:
         cg.set_cpu_engine(previous)
+
+
+def test_auto_passes_over_a_backend_for_dtypes_it_refuses(monkeypatch):
+    """With no CUDA kernels built, "auto" runs float64 CUDA tensors on the reference, not on
+    the Triton kernels that refuse float64."""
+    monkeypatch.setattr(dispatch, "_unavailable_reason", lambda name: "not built" if name == "cuda" else None)
+    cuda = torch.device("cuda")
+    assert dispatch.resolve("auto", cuda, torch.float32) == "triton"
+    assert dispatch.resolve("auto", cuda, torch.float64) == "reference"

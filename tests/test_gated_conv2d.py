@@ -383,7 +383,7 @@ def test_block_matches_reference(backend, encoder, layout, recompute):
 
 def test_block_gradcheck(backend):
     block = cg.FusedCoordGateBlock2d(2, 4, 3, 3, padding=1, stride=2, groups=2, dtype=torch.float64,
-                                     device=_device(backend), backend=backend, encoder_hidden=4)
+                                     device=_device(backend), backend=backend, encoder_hidden=4, gate_init="default")
     _randomise(block)
     x = _make_input((2, 2, 5, 6), "contiguous", torch.float64, device=_device(backend))
     params = list(block.parameters())

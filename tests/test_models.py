@@ -61,13 +61,13 @@ def test_conv1d_matches_conv1d_times_gate(args, backend):
 
 def test_conv1d_gradcheck():
     layer = cg.FusedCoordGateConv1d(2, 3, 3, padding=1, encoder_hidden=4, gate_activation="sigmoid",
-                                    dtype=DTYPE, backend="cpu")
+                                    dtype=DTYPE, backend="cpu", gate_init="default")
     x = torch.randn(2, 2, 7, dtype=DTYPE, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,), fast_mode=True)
 
 
 def test_conv1d_map_encoder_and_eval_cache():
-    layer = cg.FusedCoordGateConv1d(2, 3, 3, encoder="map", map_size=4, dtype=DTYPE)
+    layer = cg.FusedCoordGateConv1d(2, 3, 3, encoder="map", map_size=4, dtype=DTYPE, gate_init="default")
     assert layer.encoder.map.shape == (3, 1, 4)
     x = torch.randn(1, 2, 10, dtype=DTYPE)
     # A map encoder starts at ones: with the ReLU gate the layer is the plain convolution.
@@ -76,8 +76,10 @@ def test_conv1d_map_encoder_and_eval_cache():
     assert_close(layer(x), conv(x))
     layer.eval()
     with torch.no_grad():
+        calls = []
+        layer.encoder.register_forward_hook(lambda *a: calls.append(1))
         first = layer.gate_map(8)
-        assert layer.gate_map(8).data_ptr() == first.data_ptr()  # cached in eval mode
+        assert torch.equal(layer.gate_map(8), first) and len(calls) == 1  # cached in eval mode
         layer.encoder.map.mul_(2)
         assert_close(layer.gate_map(8), 2 * first)  # an in-place update invalidates the cache
 
@@ -96,8 +98,8 @@ def test_conv1d_errors(kwargs, match):
 
 
 def test_conv1d_input_errors():
-    layer = cg.FusedCoordGateConv1d(2, 3, 5)
-    with pytest.raises(ValueError, match="expected a 3-D input"):
+    layer = cg.FusedCoordGateConv1d(2, 3, 5, gate_init="default")
+    with pytest.raises(ValueError, match=r"expected a 2-D \(C, L\) or 3-D \(N, C, L\) input, got 4-D"):
         layer(torch.randn(1, 2, 4, 4))
     with pytest.raises(ValueError, match="output would be empty"):
         layer(torch.randn(1, 2, 3))

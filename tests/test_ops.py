@@ -153,12 +153,12 @@ def _compiled_matches_eager(module, x):
 def test_compile_layer_fullgraph(device):
     torch._dynamo.reset()
     layer = cg.FusedCoordGateConv2d(3, 4, 3, padding="same", padding_mode="reflect", device=device,
-                                    backend=device)
+                                    backend=device, gate_init="default")
     _compiled_matches_eager(layer, torch.randn(2, 3, 10, 9, device=device))
 
 
 def test_compile_block_fullgraph(device):
     torch._dynamo.reset()
     block = cg.FusedCoordGateBlock2d(3, 5, 2, 3, stride=2, padding=1, device=device, backend=device,
-                                     hidden_activation="tanh", recompute=True)
+                                     hidden_activation="tanh", recompute=True, gate_init="default")
     _compiled_matches_eager(block, torch.randn(2, 3, 11, 8, device=device))

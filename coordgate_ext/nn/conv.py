@@ -20,6 +20,29 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_conv_arguments(name: str, dims: int, kernel_size, stride, padding, dilation) -> None:
+    """nn.Conv1d / nn.Conv2d take any value and fail later ("'float' object is not iterable"
+    at the first forward): this says at construction which argument is wrong, what was
+    expected and what was got."""
+
+    def entries(value):
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+    for arg, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
+        if not (len(entries(value)) == dims and all(_is_int(v) and v >= 1 for v in entries(value))):
+            raise ValueError(f"{name}: {arg} must be a positive int or a tuple of {dims} positive ints, "
+                             f"got {value!r}")
+    if isinstance(padding, str):
+        return  # nn.Conv2d checks the strings
+    if not (len(entries(padding)) == dims and all(_is_int(v) and v >= 0 for v in entries(padding))):
+        raise ValueError(f"{name}: padding must be 'same', 'valid', a non-negative int or a tuple of "
+                         f"{dims} of them, got {padding!r}")
+
+
 class FusedCoordGateConv2d(GateCache, nn.Conv2d):
     """A drop-in nn.Conv2d whose output is gated pixel by pixel by a coordinate encoder:
 
@@ -52,10 +75,12 @@ class FusedCoordGateConv2d(GateCache, nn.Conv2d):
         encoder_hidden: int = 32,
         hidden_activation: str = "relu",
         gate_activation: str = "relu",
+        gate_init: str = "one",
         map_size=(16, 16),
         recompute: bool = False,
         backend: str = "auto",
     ):
+        check_conv_arguments(type(self).__name__, 2, kernel_size, stride, padding, dilation)
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, device, dtype,
@@ -63,10 +88,18 @@ class FusedCoordGateConv2d(GateCache, nn.Conv2d):
         self.encoder = make_encoder(
             encoder, out_channels, layers=encoder_layers, hidden=encoder_hidden,
             hidden_activation=hidden_activation, gate_activation=gate_activation,
-            map_size=map_size, device=device, dtype=dtype,
+            map_size=map_size, gate_init=gate_init, device=device, dtype=dtype,
         )
         self.recompute = recompute
         self.backend = _check_backend(backend)
+
+    def reset_parameters(self) -> None:
+        """Re-initialises the convolution as nn.Conv2d does and the encoder as gate_init says."""
+        super().reset_parameters()
+        # nn.Conv2d.__init__ calls this before the encoder exists.
+        encoder = getattr(self, "encoder", None)
+        if encoder is not None:
+            encoder.reset_parameters()
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         return functional.conv2d_output_size(
@@ -74,8 +107,13 @@ class FusedCoordGateConv2d(GateCache, nn.Conv2d):
         )
 
     def _gated(self, input: torch.Tensor, mix_weight=None, mix_bias=None) -> torch.Tensor:
+        if input.dim() == 3:
+            return self._gated(input.unsqueeze(0), mix_weight, mix_bias).squeeze(0)
         if input.dim() != 4:
-            raise ValueError(f"{type(self).__name__}: expected a 4-D input (N, C, H, W), got {input.dim()}-D")
+            raise ValueError(
+                f"{type(self).__name__}: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got "
+                f"{input.dim()}-D of shape {tuple(input.shape)}"
+            )
         out_h, out_w = self.output_size(input.shape[-2], input.shape[-1])
         if out_h <= 0 or out_w <= 0:
             raise ValueError(
@@ -133,8 +171,15 @@ class FusedCoordGateBlock2d(FusedCoordGateConv2d):
         )
         self._reset_mix()
 
+    def reset_parameters(self) -> None:
+        """Re-initialises the convolution and the encoder as FusedCoordGateConv2d does, and the
+        mix as nn.Conv2d initialises a 1x1 convolution."""
+        super().reset_parameters()
+        # The constructors above this class call this before the mix exists.
+        if getattr(self, "mix_weight", None) is not None:
+            self._reset_mix()
+
     def _reset_mix(self) -> None:
-        # nn.Conv2d's initialisation, for a 1x1 convolution.
         nn.init.kaiming_uniform_(self.mix_weight, a=math.sqrt(5))
         if self.mix_bias is not None:
             bound = 1 / math.sqrt(self.mix_weight.shape[1])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import functional
-from .conv import _check_backend
+from .conv import _check_backend, check_conv_arguments
 from .encoders import GateCache, make_encoder
 
 
@@ -29,7 +29,8 @@ class FusedCoordGateConv1d(GateCache, nn.Conv1d):
     The arguments are nn.Conv1d's (``padding='same'|'valid'`` and every ``padding_mode``
     included) and FusedCoordGateConv2d's encoder options: ``encoder`` "mlp" or "map" (a learned
     (C, m) map, ``map_size`` m or (m,)), ``encoder_layers``, ``encoder_hidden``,
-    ``hidden_activation``, ``gate_activation``, ``recompute`` and ``backend``. The "bilinear"
+    ``hidden_activation``, ``gate_activation``, ``gate_init``, ``recompute`` and ``backend``.
+    Input (N, Cin, L) or unbatched (Cin, L), as for nn.Conv1d. The "bilinear"
     encoder is refused: it weights a 3 x 3 two-dimensional neighbourhood, which a signal has not.
     """
 
@@ -52,10 +53,12 @@ class FusedCoordGateConv1d(GateCache, nn.Conv1d):
         encoder_hidden: int = 32,
         hidden_activation: str = "relu",
         gate_activation: str = "relu",
+        gate_init: str = "one",
         map_size=16,
         recompute: bool = False,
         backend: str = "auto",
     ):
+        check_conv_arguments("FusedCoordGateConv1d", 1, kernel_size, stride, padding, dilation)
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, device, dtype,
@@ -67,15 +70,23 @@ class FusedCoordGateConv1d(GateCache, nn.Conv1d):
             )
         if isinstance(map_size, int):
             map_size = (map_size,)
-        if len(tuple(map_size)) != 1:
+        if not hasattr(map_size, "__len__") or len(map_size) != 1:
             raise ValueError(f"FusedCoordGateConv1d: map_size must be an int or (m,), got {map_size!r}")
         self.encoder = make_encoder(
             encoder, out_channels, layers=encoder_layers, hidden=encoder_hidden,
             hidden_activation=hidden_activation, gate_activation=gate_activation,
-            map_size=(1, *map_size), device=device, dtype=dtype,
+            map_size=(1, *map_size), gate_init=gate_init, device=device, dtype=dtype,
         )
         self.recompute = recompute
         self.backend = _check_backend(backend)
+
+    def reset_parameters(self) -> None:
+        """Re-initialises the convolution as nn.Conv1d does and the encoder as gate_init says."""
+        super().reset_parameters()
+        # nn.Conv1d.__init__ calls this before the encoder exists.
+        encoder = getattr(self, "encoder", None)
+        if encoder is not None:
+            encoder.reset_parameters()
 
     def _padding_2d(self):
         return self.padding if isinstance(self.padding, str) else (0, self.padding[0])
@@ -92,8 +103,13 @@ class FusedCoordGateConv1d(GateCache, nn.Conv1d):
         return GateCache.gate_map(self, 1, length)[:, 0]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() == 2:
+            return self.forward(input.unsqueeze(0)).squeeze(0)
         if input.dim() != 3:
-            raise ValueError(f"FusedCoordGateConv1d: expected a 3-D input (N, C, L), got {input.dim()}-D")
+            raise ValueError(
+                f"FusedCoordGateConv1d: expected a 2-D (C, L) or 3-D (N, C, L) input, got {input.dim()}-D "
+                f"of shape {tuple(input.shape)}"
+            )
         out_len = self.output_size(input.shape[-1])
         if out_len <= 0:
             raise ValueError(

@@ -18,7 +18,8 @@ class CoordGate(GateCache, nn.Module):
 
     Resolution independent: the gate is evaluated on each input's grid. The defaults
     reproduce the author's "pos" encoder exactly: ``encoder_layers`` linear layers of width
-    ``channels`` with no hidden activation and a final ReLU. ``encoder`` may be "mlp" (alias
+    ``channels`` with no hidden activation and a final ReLU, in PyTorch's initialisation
+    (``gate_init="default"``; "one" starts the gate at one everywhere). ``encoder`` may be "mlp" (alias
     "pos"), "map" or "bilinear" (channels = 9).
     """
 
@@ -32,6 +33,7 @@ class CoordGate(GateCache, nn.Module):
         encoder_hidden: int | None = None,
         hidden_activation: str = "none",
         gate_activation: str = "relu",
+        gate_init: str = "default",
         map_size=(16, 16),
         backend: str = "auto",
         device=None,
@@ -43,19 +45,29 @@ class CoordGate(GateCache, nn.Module):
             encoder, channels, layers=encoder_layers,
             hidden=channels if encoder_hidden is None else encoder_hidden,
             hidden_activation=hidden_activation, gate_activation=gate_activation,
-            map_size=map_size, device=device, dtype=dtype,
+            map_size=map_size, gate_init=gate_init, device=device, dtype=dtype,
         )
         self.conv = nn.Conv2d(channels, out_channels, 1, device=device, dtype=dtype)
         self.backend = _check_backend(backend)
 
+    def reset_parameters(self) -> None:
+        """Re-initialises the encoder as gate_init says and the 1x1 convolution as nn.Conv2d."""
+        self.encoder.reset_parameters()
+        self.conv.reset_parameters()
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() == 3:
+            return self.forward(input.unsqueeze(0)).squeeze(0)
         if input.dim() != 4:
-            raise ValueError(f"CoordGate: expected a 4-D input (N, C, H, W), got {input.dim()}-D")
+            raise ValueError(
+                f"CoordGate: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got {input.dim()}-D of "
+                f"shape {tuple(input.shape)}"
+            )
         if input.shape[1] != self.encoder.out_channels:
             raise ValueError(
                 f"CoordGate: expected {self.encoder.out_channels} input channels, got {input.shape[1]}"
             )
-        gate = self.gate_map(input.shape[-2], input.shape[-1])
+        gate = self._gate(input.shape[-2], input.shape[-1])
         return self.conv(input * gate[None])
 
     def load_author_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -48,8 +48,10 @@ SIGNAL_KINDS = ("plain", "coordconv", "coordgate")
 #: The gate of the CoordGate models: the package's MLP encoder, two layers of 32 with a ReLU
 #: between them, and no final activation: a ReLU gate that starts negative over the whole field
 #: passes no gradient and the channel stays dead (see demo.py); the 1x1 mix absorbs the sign.
+#: nn.Linear's initialisation (gate_init="default"), which the U-Net shifts by one
+#: (init_gate_near_one): the start that the experiments' recorded results were trained from.
 DEFAULT_GATE = dict(encoder="mlp", encoder_layers=2, encoder_hidden=32, hidden_activation="relu",
-                    gate_activation="none")
+                    gate_activation="none", gate_init="default")
 
 
 def init_gate_near_one(layer: nn.Module) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import warnings
+
 import torch
 
 NAMESPACE = "coordgate_ext"
@@ -17,13 +20,21 @@ OPS = (
 )
 
 try:
-    from .. import _C  # registers the schemas and the kernels
+    # By its full name: `from .. import _C` reports a missing module as "cannot import name
+    # '_C' from partially initialized module (most likely due to a circular import)".
+    _C = importlib.import_module("coordgate_ext._C")  # registers the schemas and the kernels
 
     LOAD_ERROR: str | None = None
-except ImportError as exc:  # the extension has not been built
+except ImportError as exc:  # not built, or built against another torch
     LOAD_ERROR = (
-        f"the C++ extension coordgate_ext._C could not be imported ({exc}); build it with "
-        "`make build` (or `python setup.py build_ext --inplace`)"
+        f"the C++ extension coordgate_ext._C could not be imported ({type(exc).__name__}: {exc}); "
+        "build it with `make build` (or `pip install .`), with the torch it will run with"
+    )
+    warnings.warn(
+        f"coordgate_ext: {LOAD_ERROR}. Only the 'reference' and 'triton' backends can run; "
+        "backend='auto' uses the reference on CPU tensors.",
+        RuntimeWarning,
+        stacklevel=2,
     )
 
 

@@ -3,11 +3,16 @@
 ``backend`` is one of "auto", "reference", "cpu", "triton", "cuda". "auto" takes the first
 available of the device's preference list; an explicit backend that cannot run raises
 BackendUnavailableError saying why and how to get it.
+
+While torch.onnx.export traces a model, every backend resolves to "reference": an ONNX graph
+cannot hold the coordgate_ext operators, and the reference is made of standard operators
+(Conv, MatMul, Mul, the activations) that any ONNX runtime executes.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -26,6 +31,14 @@ def _triton_interpret() -> bool:
     """TRITON_INTERPRET=1: the Triton backend may run CPU tensors through the interpreter
     (read at call time; "auto" never picks it for CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def exporting_onnx() -> bool:
+    """True while torch.onnx.export (either exporter) traces a model."""
+    # torch.onnx.export imports torch.onnx: without it no export is running, and importing it
+    # here would add its import time to every process.
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 def _unavailable_reason(backend: str) -> str | None:
@@ -67,11 +80,23 @@ def available_backends() -> dict[str, str | None]:
     return {name: _unavailable_reason(name) for name in BACKENDS}
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend that runs tensors on ``device`` for the requested ``backend``."""
+#: Backends whose kernels refuse some dtypes (the Triton kernels compute at most float32):
+#: "auto" passes over them for those dtypes.
+UNSUPPORTED_DTYPES = {"triton": (torch.float64,)}
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend that runs tensors on ``device`` for the requested ``backend``
+    ("reference" for every backend while an ONNX export traces the model). ``dtype``: the
+    tensors' dtype, for "auto" to pass over a backend that does not compute it."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
+    if exporting_onnx():
+        return "reference"
     if backend == "auto":
         order = AUTO_ORDER.get(device.type, ("reference",))
-        return next(name for name in order if _unavailable_reason(name) is None)
+        return next(name for name in order
+                    if _unavailable_reason(name) is None and dtype not in UNSUPPORTED_DTYPES.get(name, ()))
     reason = _unavailable_reason(backend)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} is not available: {reason}")

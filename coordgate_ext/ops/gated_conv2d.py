@@ -9,10 +9,22 @@ from ._library import _double_backward_unsupported, loaded
 
 def output_memory_format(input: torch.Tensor) -> torch.memory_format:
     """The rule of csrc/ops.cpp: channels_last out when the input is channels_last (and not
-    also plain contiguous)."""
-    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+    also plain contiguous). Read from the sizes and strides, which a vmap BatchedTensor
+    gives per sample, where is_contiguous(memory_format=...) raises."""
+
+    def dense(order) -> bool:
+        # TensorImpl's is_contiguous for dims ``order``, innermost first: size-1 dims ignored.
+        expected = 1
+        for d in order:
+            if input.shape[d] != 1:
+                if input.stride(d) != expected:
+                    return False
+                expected *= input.shape[d]
+        return True
+
+    if input.dim() != 4 or input.numel() == 0 or dense((3, 2, 1, 0)):
+        return torch.contiguous_format
+    return torch.channels_last if dense((1, 3, 2, 0)) else torch.contiguous_format
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

@@ -55,12 +55,15 @@ if loaded():
                 mix_weight, mix_bias, mask,
             )
         )
+        # A Tensor[] argument takes a list of the same length back, even when none of its
+        # tensors needs a gradient.
+        no_grads = [None] * ctx.layers
         return (
             grad_input if mask[0] else None,
             grad_weight if mask[1] else None,
             grad_bias if mask[2] else None,
-            list(grad_w) if mask[3] else None,
-            list(grad_b) if mask[3] else None,
+            [g if n else None for g, n in zip(grad_w, needs[3])] if mask[3] else no_grads,
+            [g if n else None for g, n in zip(grad_b, needs[4])] if mask[3] else no_grads,
         ) + (None,) * 6 + (
             grad_mix_weight if mask[4] else None,
             grad_mix_bias if mask[5] else None,

@@ -25,7 +25,9 @@ from .. import reference
 from ..triton import configs as _configs
 from ..triton import gated_conv2d as _launch
 from ._library import _double_backward_unsupported
+from .flops import register_triton as _register_flop_formulas
 from .gated_conv2d import conv_output_size, output_memory_format
+from .vmap import register as _register_torch_func
 
 NAMESPACE = "coordgate_ext_triton"
 OPS = ("gated_conv2d", "gated_conv2d_backward", "gated_conv2d_fused", "gated_conv2d_fused_backward")
@@ -224,6 +226,7 @@ gated_conv2d_fused.register_autograd(_backward_fused, setup_context=_setup_fused
 gated_conv2d_fused_backward.register_autograd(
     _double_backward_unsupported(), setup_context=lambda ctx, inputs, output: None
 )
+_register_flop_formulas()
 
 
 # --- entry points of the functional API ------------------------------------------------------
@@ -280,3 +283,7 @@ def coordgate_conv2d_encoder(input, weight, bias, encoder_weights, encoder_biase
                                 gate_activation, mix_weight, mix_bias, list(stride), list(padding),
                                 list(dilation), groups, save)
     return out
+
+
+_register_torch_func(NAMESPACE, OPS, {"gated_conv2d": (_backward_plain, _setup_plain),
+                                      "gated_conv2d_fused": (_backward_fused, _setup_fused)})

@@ -127,6 +127,19 @@ def _launch_kwargs(cfg: TileConfig) -> dict:
     return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+#: What the Triton kernels compute (float32 accumulation). float64 is refused rather than
+#: computed in float32: a user who asks for float64 wants its precision.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtype(input: torch.Tensor) -> None:
+    if input.dtype not in DTYPES:
+        raise TypeError(
+            f"gated_conv2d (triton): the Triton backend computes float32, float16 and bfloat16, got "
+            f"{input.dtype}; run it with backend='cpu' (CPU tensors), 'cuda' or 'reference'"
+        )
+
+
 def forward(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -146,6 +159,7 @@ def forward(
     y = conv2d(input, weight, bias) (N, C, Ho, Wo) when save_conv, else an empty tensor.
     ``gate`` is a (C, Ho, Wo) map or an Encoder evaluated in the kernel. Channels_last in,
     channels_last out."""
+    check_dtype(input)
     module, interpreted = kernels_for(input.device)
     n, cin, h, w = input.shape
     c, cin_g, kh, kw = weight.shape
@@ -258,6 +272,7 @@ def backward(
     gate-gradient kernel recomputes y. ``configs`` maps "bwd_gate" / "bwd_input" /
     "bwd_weight" to a TileConfig (the tests' override); ``split_k`` forces the split of the
     weight gradient's reduction."""
+    check_dtype(input)
     module, interpreted = kernels_for(input.device)
     configs = configs or {}
     need_input, need_weight, need_bias, need_gate = output_mask

@@ -60,7 +60,8 @@ def _add(a, b):
 def _activation(a, ACT: tl.constexpr):
     """phi(a) for ACT an index into reference.ACTIVATIONS (float32 in, float32 out)."""
     if ACT == 1:
-        a = tl.maximum(a, 0.0)
+        # NaN passes, as in torch.relu (plain tl.maximum returns 0 for NaN on the GPU).
+        a = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
         a = _sigmoid(a)
     elif ACT == 3:
@@ -71,7 +72,7 @@ def _activation(a, ACT: tl.constexpr):
         a = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
     elif ACT == 6:
         # softplus with torch's threshold of 20, written without overflow.
-        soft = tl.maximum(a, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(a)))
+        soft = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL) + tl.log(1.0 + tl.exp(-tl.abs(a)))
         a = tl.where(a > 20.0, a, soft)
     return a
 

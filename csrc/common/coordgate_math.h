@@ -48,7 +48,8 @@ C10_HOST_DEVICE inline T sigmoid(T a) {
 template <Activation A, typename T>
 C10_HOST_DEVICE inline T activate(T a) {
   if constexpr (A == Activation::kRelu) {
-    return a > T(0) ? a : T(0);
+    // NaN passes, as torch.relu lets it.
+    return a < T(0) ? T(0) : a;
   } else if constexpr (A == Activation::kSigmoid) {
     return sigmoid(a);
   } else if constexpr (A == Activation::kTanh) {
@@ -68,7 +69,8 @@ C10_HOST_DEVICE inline T activate(T a) {
 template <Activation A, typename T>
 C10_HOST_DEVICE inline T activate_grad(T a) {
   if constexpr (A == Activation::kRelu) {
-    return a > T(0) ? T(1) : T(0);
+    // torch's relu backward passes the gradient where the output is not <= 0: NaN included.
+    return a <= T(0) ? T(0) : T(1);
   } else if constexpr (A == Activation::kSigmoid) {
     const T s = sigmoid(a);
     return s * (T(1) - s);
@@ -86,6 +88,20 @@ C10_HOST_DEVICE inline T activate_grad(T a) {
     return a > T(20) ? T(1) : sigmoid(a);
   } else {
     return T(1);
+  }
+}
+
+// grad * phi'(a): the gradient through the activation, as PyTorch's autograd forms it. relu
+// selects (torch's threshold_backward: zero where the output is <= 0, even for a NaN or
+// infinite grad); the others multiply, so 0 * inf = NaN propagates as in torch.
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T backprop_activation(T grad, T a) {
+  if constexpr (A == Activation::kRelu) {
+    return a <= T(0) ? T(0) : grad;
+  } else if constexpr (A == Activation::kNone) {
+    return grad;
+  } else {
+    return grad * activate_grad<A>(a);
   }
 }
 
@@ -120,8 +136,8 @@ C10_HOST_DEVICE inline T activate(Activation act, T a) {
 }
 
 template <typename T>
-C10_HOST_DEVICE inline T activate_grad(Activation act, T a) {
-  return with_activation(act, [&](auto A) { return activate_grad<decltype(A)::value>(a); });
+C10_HOST_DEVICE inline T backprop_activation(Activation act, T grad, T a) {
+  return with_activation(act, [&](auto A) { return backprop_activation<decltype(A)::value>(grad, a); });
 }
 
 // Pre-activation of unit o of the encoder's first layer (weight (E, 2) row-major, bias (E))

@@ -44,11 +44,11 @@ void apply_activation(Activation act, const T* a, T* out, int64_t n) {
   });
 }
 
-// delta *= act'(a), element-wise over n contiguous values.
+// delta = delta * act'(a) (relu: a select), element-wise over n contiguous values.
 template <typename T>
 void scale_by_activation_grad(Activation act, const T* a, T* delta, int64_t n) {
   with_activation(act, [&](auto A) {
-    for (int64_t k = 0; k < n; ++k) delta[k] *= activate_grad<decltype(A)::value>(a[k]);
+    for (int64_t k = 0; k < n; ++k) delta[k] = backprop_activation<decltype(A)::value>(delta[k], a[k]);
   });
 }
 
@@ -112,8 +112,18 @@ struct Tile {
 // gate's gradient on the one column range of each segment where the gate passes, so those
 // sums are plain vectorised sums of the gradient. Sums over units and pixels are kept in
 // double (vectorised sums: in the compute dtype over chunks of kSumChunk columns).
+// Only for finite parameters: the segment sums skip inactive units and columns, where a
+// NaN or infinite weight must still reach the gate (0 * inf is NaN in the specification).
 bool piecewise_linear(const Mlp& m) {
-  return m.layers() == 2 && (m.hidden == Activation::kRelu || m.hidden == Activation::kNone);
+  if (m.layers() != 2 || (m.hidden != Activation::kRelu && m.hidden != Activation::kNone)) {
+    return false;
+  }
+  for (int64_t l = 0; l < 2; ++l) {
+    if (!at::isfinite(m.weight[l]).all().item<bool>() || !at::isfinite(m.bias[l]).all().item<bool>()) {
+      return false;
+    }
+  }
+  return true;
 }
 
 // Rows per work item of the piecewise-linear kernels; gradient partial sums are kept per

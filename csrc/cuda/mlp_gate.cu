@@ -5,7 +5,7 @@
 // csrc/common/coordgate_math.h (encoder_input_unit, dense_unit, activate), activations
 // feature-major (units, slab) so that neighbouring threads read neighbouring pixels.
 // Backward recomputes a slab's forward, propagates the gradient with dense_unit over the
-// transposed weight and activate_grad, and adds each layer's weight gradient (a GEMM over
+// transposed weight and backprop_activation, and adds each layer's weight gradient (a GEMM over
 // the slab's pixels, ATen's) slab by slab in order: deterministic, and the memory is
 // bounded by the slab, not the grid.
 #include <ATen/ATen.h>
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) encoder_output_delta_kernel(
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
        idx < channels * count; idx += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t c = idx / count, i = idx % count;
-    delta[idx] = grad_gate[c * pixels + p0 + i] * activate_grad(fn, pre[idx]);
+    delta[idx] = backprop_activation(fn, grad_gate[c * pixels + p0 + i], pre[idx]);
   }
 }
 
@@ -88,8 +88,8 @@ __global__ void __launch_bounds__(kThreads) encoder_layer_bwd_kernel(
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
        idx < fan_in * count; idx += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t u = idx / count, i = idx % count;
-    delta_prev[idx] = dense_unit(weight + u, fan_in, T(0), delta + i, count, units) *
-                      activate_grad(fn, pre_prev[idx]);
+    delta_prev[idx] = backprop_activation(
+        fn, dense_unit(weight + u, fan_in, T(0), delta + i, count, units), pre_prev[idx]);
   }
 }
 

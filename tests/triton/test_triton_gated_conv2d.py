@@ -275,8 +275,8 @@ def test_gate_mode_heuristic():
 
 
 def test_layer_runs_on_the_triton_backend(tdevice):
-    layer = cg.FusedCoordGateConv2d(3, 4, 3, padding=1, backend="triton", encoder_hidden=8).to(tdevice)
-    ref = cg.FusedCoordGateConv2d(3, 4, 3, padding=1, backend="reference", encoder_hidden=8).to(tdevice)
+    layer = cg.FusedCoordGateConv2d(3, 4, 3, padding=1, backend="triton", encoder_hidden=8, gate_init="default").to(tdevice)
+    ref = cg.FusedCoordGateConv2d(3, 4, 3, padding=1, backend="reference", encoder_hidden=8, gate_init="default").to(tdevice)
     ref.load_state_dict(layer.state_dict())
     x = torch.randn(2, 3, 6, 5, device=tdevice)
     out, want = layer(x), ref(x)
@@ -322,3 +322,23 @@ def test_errors():
     with pytest.raises(ValueError, match=r"gate_mode must be 'auto', 'kernel' or 'map'"):
         triton_ops.coordgate_conv2d_encoder(x, w, None, enc_w, enc_b, "relu", "relu", [1, 1], [0, 0], [1, 1], 1,
                                             gate_mode="both")
+
+
+def test_float64_is_refused_not_computed_in_float32():
+    """The Triton kernels compute in float32 at most: float64 is refused, naming the backends
+    that compute it, rather than silently rounded."""
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    message = r"the Triton backend computes float32, float16 and bfloat16, got torch.float64; .*'cpu'"
+    for layer in (cg.FusedCoordGateConv2d(2, 3, 3, dtype=torch.float64, backend="triton", gate_init="default"),
+                  cg.FusedCoordGateBlock2d(2, 3, 2, 3, dtype=torch.float64, backend="triton", gate_init="default")):
+        for train in (True, False):
+            with pytest.raises(TypeError, match=message):
+                layer.train(train)(x)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=message):
+        torch.ops.coordgate_ext_triton.gated_conv2d(x, w, None, torch.rand(3, 3, 3, dtype=torch.float64),
+                                                    [1, 1], [0, 0], [1, 1], 1, False)
+    with pytest.raises(TypeError, match=message):
+        torch.ops.coordgate_ext_triton.gated_conv2d_backward(
+            torch.randn(1, 3, 3, 3, dtype=torch.float64), x, w, None, torch.rand(3, 3, 3, dtype=torch.float64),
+            torch.empty(0, dtype=torch.float64), [1, 1], [0, 0], [1, 1], 1, [True, True, False, True])

@@ -66,7 +66,7 @@ def test_every_op_has_an_opcheck_case():
 def test_compile_fullgraph():
     torch._dynamo.reset()
     x = torch.randn(2, 3, 6, 5)
-    layer = cg.FusedCoordGateConv2d(3, 4, 3, padding=1, backend="triton", encoder_hidden=8)
+    layer = cg.FusedCoordGateConv2d(3, 4, 3, padding=1, backend="triton", encoder_hidden=8, gate_init="default")
     compiled = torch.compile(layer, fullgraph=True)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     out, want = compiled(x1), layer(x2)
