@@ -166,9 +166,11 @@ def coordgate_conv2d(
     top, bottom, left, right = _explicit_padding(padding, tuple(weight.shape[2:]), stride, dilation)
     if padding_mode != "zeros" or top != bottom or left != right:
         mode = "constant" if padding_mode == "zeros" else padding_mode
-        memory_format = output_memory_format(input)
-        # Some padding modes return NCHW whatever the input: channels_last in, channels_last out.
-        input = F.pad(input, (left, right, top, bottom), mode=mode).contiguous(memory_format=memory_format)
+        channels_last = output_memory_format(input) == torch.channels_last
+        input = F.pad(input, (left, right, top, bottom), mode=mode)
+        # Some padding modes return NCHW whatever the input: channels_last in, channels_last out
+        # (by a permuted copy: vmap cannot run .contiguous(memory_format=torch.channels_last)).
+        input = input.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) if channels_last else input.contiguous()
         top = left = 0
     if isinstance(gate, torch.Tensor):
         input, weight, bias, gate, mix_weight, mix_bias = _autocast(

@@ -41,9 +41,6 @@ LAYERS = {
     "coordgate": (lambda b: cg.CoordGate(3, 4, backend=b, dtype=DTYPE), (2, 3, 5, 7)),
 }
 BATCH = 3
-#: Why a channels_last input that the layer pads itself fails under vmap.
-PADDED_CHANNELS_LAST = ("functional.coordgate_conv2d keeps a padded input channels_last with "
-                        ".contiguous(memory_format=torch.channels_last), which vmap cannot run")
 
 
 def _layer(name: str, backend: str):
@@ -115,12 +112,10 @@ VMAP_CASES = [
                          ids=["-".join(map(str, c)) for c in VMAP_CASES])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", LAYERS)
-def test_vmap_over_inputs_matches_loop(name, backend, mode, layout, in_dim, samples, request):
+def test_vmap_over_inputs_matches_loop(name, backend, mode, layout, in_dim, samples):
     layer, shape = _layer(name, backend)
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("channels_last is a layout of 4-D inputs")
-    if layout == "channels_last" and getattr(layer, "padding_mode", "zeros") != "zeros":
-        request.applymarker(pytest.mark.xfail(strict=True, raises=RuntimeError, reason=PADDED_CHANNELS_LAST))
     layer.train(mode == "train")
     xs = _inputs((samples, *shape[1:]), layout=layout)
     with torch.set_grad_enabled(mode == "train"):

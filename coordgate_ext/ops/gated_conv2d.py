@@ -1,10 +1,11 @@
-"""Fake kernels and autograd of coordgate_ext::gated_conv2d."""
+"""Fake kernels and autograd formulas of coordgate_ext::gated_conv2d (ops/vmap.py registers
+the formulas and the vmap rule)."""
 
 from __future__ import annotations
 
 import torch
 
-from ._library import _double_backward_unsupported, loaded
+from ._library import loaded
 
 
 def output_memory_format(input: torch.Tensor) -> torch.memory_format:
@@ -99,11 +100,3 @@ if loaded():
         )
         return (grad_input, grad_weight, grad_bias, grad_gate, None, None, None, None, grad_mix_weight,
                 grad_mix_bias, None)
-
-    torch.library.register_autograd(
-        "coordgate_ext::gated_conv2d", _backward, setup_context=_setup_context
-    )
-
-    torch.library.register_autograd(
-        "coordgate_ext::gated_conv2d_backward", _double_backward_unsupported(), setup_context=lambda ctx, inputs, output: None
-    )

@@ -1,10 +1,11 @@
-"""Fake kernel and autograd of coordgate_ext::mlp_gate (the MLP encoder's gate map)."""
+"""Fake kernel and autograd formula of coordgate_ext::mlp_gate (the MLP encoder's gate map;
+ops/vmap.py registers the formula and the vmap rule)."""
 
 from __future__ import annotations
 
 import torch
 
-from ._library import _double_backward_unsupported, loaded
+from ._library import loaded
 
 if loaded():
 
@@ -31,11 +32,3 @@ if loaded():
             grad_gate, weights, biases, *ctx.args
         )
         return list(grad_w), list(grad_b), None, None, None, None
-
-    torch.library.register_autograd(
-        "coordgate_ext::mlp_gate", _backward, setup_context=_setup_context
-    )
-
-    torch.library.register_autograd(
-        "coordgate_ext::mlp_gate_backward", _double_backward_unsupported(), setup_context=lambda ctx, inputs, output: None
-    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import _double_backward_unsupported, loaded
+from ._library import loaded
 from .gated_conv2d import fake_gated_grads, fake_gated_outputs
 
 if loaded():
@@ -69,12 +69,3 @@ if loaded():
             grad_mix_bias if mask[5] else None,
             None,
         )
-
-    torch.library.register_autograd(
-        "coordgate_ext::mlp_gated_conv2d", _backward, setup_context=_setup_context
-    )
-    torch.library.register_autograd(
-        "coordgate_ext::mlp_gated_conv2d_backward",
-        _double_backward_unsupported(),
-        setup_context=lambda ctx, inputs, output: None,
-    )

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from .. import reference
 from ..triton import configs as _configs
 from ..triton import gated_conv2d as _launch
-from ._library import _double_backward_unsupported
 from .flops import register_triton as _register_flop_formulas
 from .gated_conv2d import conv_output_size, output_memory_format
 from .vmap import register as _register_torch_func
@@ -105,8 +104,6 @@ def _backward_plain(ctx, grad_out, _grad_conv):
     return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 5
 
 
-gated_conv2d.register_autograd(_backward_plain, setup_context=_setup_plain)
-gated_conv2d_backward.register_autograd(_double_backward_unsupported(), setup_context=lambda ctx, inputs, output: None)
 
 
 # --- gated_conv2d_fused: in-kernel gate and / or fused mix ----------------------------------
@@ -205,9 +202,13 @@ def _backward_fused(ctx, grad_out, _grad_conv):
     if ctx.has_gate:
         gate_map = gate
     else:
-        with torch.enable_grad():
-            params = [t.detach().requires_grad_(need_encoder) for t in (*enc_w, *enc_b)]
-            gate_map = reference.mlp_gate(params[: ctx.layers], params[ctx.layers:], ho, wo, *ctx.activations)
+        # torch.func.vjp, not requires_grad_ and autograd.grad: under torch.func.grad this
+        # backward runs inside the transform, where those raise.
+        def encoder_gate(*params):
+            return reference.mlp_gate(list(params[: ctx.layers]), list(params[ctx.layers:]), ho, wo,
+                                      *ctx.activations)
+
+        gate_map, gate_vjp = torch.func.vjp(encoder_gate, *(t.detach() for t in (*enc_w, *enc_b)))
     mask = [needs[0], needs[1], needs[2] and bias is not None, needs[3] or need_encoder,
             mix_weight is not None and needs[8], ctx.has_mix_bias and needs[9]]
     grads = gated_conv2d_fused_backward(
@@ -216,16 +217,12 @@ def _backward_fused(ctx, grad_out, _grad_conv):
     gi, gw, gb, gg, gmw, gmb = (g if m else None for g, m in zip(grads, mask))
     grad_enc_w, grad_enc_b = [None] * ctx.layers, [None] * ctx.layers
     if need_encoder:
-        enc_grads = torch.autograd.grad(gate_map, params, gg.to(gate_map.dtype))
+        enc_grads = gate_vjp(gg.to(gate_map.dtype))
         grad_enc_w, grad_enc_b = list(enc_grads[: ctx.layers]), list(enc_grads[ctx.layers:])
     return (gi, gw, gb, gg if ctx.has_gate and needs[3] else None, grad_enc_w, grad_enc_b, None, None,
             gmw, gmb, None, None, None, None, None)
 
 
-gated_conv2d_fused.register_autograd(_backward_fused, setup_context=_setup_fused)
-gated_conv2d_fused_backward.register_autograd(
-    _double_backward_unsupported(), setup_context=lambda ctx, inputs, output: None
-)
 _register_flop_formulas()
 
 

@@ -22,9 +22,6 @@ from coordgate_ext.ops.gated_conv2d import output_memory_format
 ops = torch.ops.coordgate_ext_triton
 TOL = dict(rtol=1e-4, atol=1e-4)
 BATCH = 2
-#: Why the in-kernel gate's case fails under torch.func.grad.
-KERNEL_GATE_BACKWARD = ("the in-kernel gate's backward (ops/triton_ops.py _backward_fused) takes the encoder's "
-                        "gradient with requires_grad_ and torch.autograd.grad, which raise inside torch.func.grad")
 #: name: (constructor, shape of one call's input)
 LAYERS = {
     # N * Cin * kh * kw = 54: the MLP gate is evaluated in the kernel (triton.gated_conv2d.gate_mode).
@@ -63,15 +60,8 @@ def _close(actual, expected):
     torch.testing.assert_close(actual, expected, **TOL)
 
 
-def _grad_cases(raises=RuntimeError):
-    """The layers; the in-kernel gate's case fails with ``raises`` (pytest.raises turns an
-    error of another message into an AssertionError)."""
-    mark = pytest.mark.xfail(strict=True, raises=raises, reason=KERNEL_GATE_BACKWARD)
-    return [pytest.param(n, marks=mark) if n == "conv2d-mlp-kernel-gate" else n for n in LAYERS]
-
-
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name", _grad_cases())
+@pytest.mark.parametrize("name", LAYERS)
 def test_grad_of_functional_call_matches_autograd(name, train, tdevice):
     layer, shape = _layer(name, tdevice)
     layer.train(train)
@@ -119,7 +109,7 @@ def test_backward_through_vmap_matches_loop(name, tdevice):
         _close(p.grad, q.grad)
 
 
-@pytest.mark.parametrize("name", _grad_cases())
+@pytest.mark.parametrize("name", LAYERS)
 def test_per_sample_grads_match_loop(name, tdevice):
     layer, shape = _layer(name, tdevice)
     xs = torch.randn(BATCH, *shape, device=tdevice)
@@ -157,7 +147,7 @@ def test_forward_mode_ad_raises(name, tdevice):
         jvp(grad(lambda p: functional_call(layer, p, (x,)).square().sum()), (params,), (tangents,))
 
 
-@pytest.mark.parametrize("name", _grad_cases(raises=AssertionError))
+@pytest.mark.parametrize("name", LAYERS)
 def test_double_backward_raises(name, tdevice):
     layer, shape = _layer(name, tdevice)
     x = torch.randn(shape, device=tdevice)
