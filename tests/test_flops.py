@@ -12,21 +12,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import flop_registry
 
 import coordgate_ext as cg
 from coordgate_ext import reference
 from coordgate_ext.nn.encoders import MLPEncoder
 from coordgate_ext.ops import _library
+from tests.support import count_flops
 
 ops = torch.ops.coordgate_ext
-
-
-def _count(fn) -> tuple[int, dict[str, int]]:
-    """(total FLOPs, {op name: FLOPs}) that FlopCounterMode counts while fn runs."""
-    with FlopCounterMode(display=False) as mode:
-        fn()
-    return mode.get_total_flops(), {str(op): n for op, n in mode.get_flop_counts()["Global"].items()}
 
 
 @dataclass(frozen=True)
@@ -116,13 +110,13 @@ def _recomputed(layer, x) -> int:
     ho, wo = layer.output_size(*x.shape[2:])
     if isinstance(layer.encoder, MLPEncoder):
         with torch.no_grad():
-            flops += _count(lambda: _reference_gate(layer, ho, wo))[0]
+            flops += count_flops(lambda: _reference_gate(layer, ho, wo))[0]
     mix_weight = getattr(layer, "mix_weight", None)
     needs_y = any(p.requires_grad for p in layer.encoder.parameters()) or (
         mix_weight is not None and mix_weight.requires_grad)
     if layer.recompute and needs_y:
         with torch.no_grad():
-            flops += _count(lambda: _conv_twin(layer)(x))[0]
+            flops += count_flops(lambda: _conv_twin(layer)(x))[0]
     return flops
 
 
@@ -141,21 +135,21 @@ def test_forward_count_is_the_conv_and_encoder_formula():
     ho, wo = (9 - k) // 2 + 1, (7 - k) // 2 + 1
     expected = (2 * n * ho * wo * c * (cin // groups) * k * k + 2 * ho * wo * (2 * hidden + hidden * c)
                 + 2 * n * ho * wo * cout * c)
-    assert _count(lambda: block(x)) == (expected, {"coordgate_ext.mlp_gated_conv2d": expected})
+    assert count_flops(lambda: block(x)) == (expected, {"coordgate_ext.mlp_gated_conv2d": expected})
 
 
 @pytest.mark.parametrize("encoder,op", [(encoder, fwd) for encoder, fwd, _ in LAYER_OPS])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_layer_forward(case, encoder, op):
     fused, _, x = _layers(case, encoder)
-    total, by_op = _count(lambda: fused(x))
+    total, by_op = count_flops(lambda: fused(x))
     ho, wo = fused.output_size(*x.shape[2:])
-    expected, _ = _count(lambda: _conv_twin(fused)(x))
+    expected, _ = count_flops(lambda: _conv_twin(fused)(x))
     if encoder == "mlp":
-        expected += _count(lambda: _reference_gate(fused, ho, wo))[0]
+        expected += count_flops(lambda: _reference_gate(fused, ho, wo))[0]
     if case.block:
         gated = torch.randn(x.shape[0], fused.out_channels, ho, wo)
-        expected += _count(lambda: F.conv2d(gated, fused.mix_weight, fused.mix_bias))[0]
+        expected += count_flops(lambda: F.conv2d(gated, fused.mix_weight, fused.mix_bias))[0]
     assert f"coordgate_ext.{op}" in by_op
     assert total == expected
 
@@ -164,8 +158,8 @@ def test_layer_forward(case, encoder, op):
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_layer_forward_backward(case, encoder, op):
     fused, twin, x = _layers(case, encoder)
-    total, by_op = _count(lambda: _forward_and_backward(fused, x))
-    expected, _ = _count(lambda: _forward_and_backward(twin, x))
+    total, by_op = count_flops(lambda: _forward_and_backward(fused, x))
+    expected, _ = count_flops(lambda: _forward_and_backward(twin, x))
     assert f"coordgate_ext.{op}" in by_op
     assert total == expected + _recomputed(fused, x)
 
@@ -173,15 +167,15 @@ def test_layer_forward_backward(case, encoder, op):
 @pytest.mark.parametrize("layers", [1, 2, 3])
 def test_gate_map(layers):
     fused, twin, _ = _layers(Case((3, 5, 3), dict(encoder_layers=layers)), "mlp")
-    total, by_op = _count(lambda: fused.gate_map(6, 11))
+    total, by_op = count_flops(lambda: fused.gate_map(6, 11))
     assert f"coordgate_ext.{GATE_OPS[0]}" in by_op
-    assert total == _count(lambda: twin.gate_map(6, 11))[0]
+    assert total == count_flops(lambda: twin.gate_map(6, 11))[0]
 
-    total, by_op = _count(lambda: fused.gate_map(6, 11).backward(torch.randn(5, 6, 11)))
-    expected, _ = _count(lambda: twin.gate_map(6, 11).backward(torch.randn(5, 6, 11)))
+    total, by_op = count_flops(lambda: fused.gate_map(6, 11).backward(torch.randn(5, 6, 11)))
+    expected, _ = count_flops(lambda: twin.gate_map(6, 11).backward(torch.randn(5, 6, 11)))
     assert f"coordgate_ext.{GATE_OPS[1]}" in by_op
     # mlp_gate_backward evaluates the encoder again for its activations.
-    assert total == expected + _count(lambda: twin.gate_map(6, 11))[0]
+    assert total == expected + count_flops(lambda: twin.gate_map(6, 11))[0]
 
 
 def test_every_op_is_counted_by_a_test():

@@ -5,18 +5,17 @@ every operator, and the errors of forward-mode AD and double backward."""
 
 from __future__ import annotations
 
-import collections
 import copy
 
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch.func import functional_call, grad, jacrev, jvp, vmap
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import coordgate_ext as cg
 from coordgate_ext.ops import _library
 from coordgate_ext.ops.gated_conv2d import output_memory_format
+from tests.support import CountCalls, sample
 
 ops = torch.ops.coordgate_ext
 DTYPE = torch.float64
@@ -307,30 +306,11 @@ def _op_cases():
 OP_CASES = _op_cases()
 
 
-class _CountCalls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _sample(arg, in_dim, index):
-    if isinstance(arg, torch.Tensor) and in_dim is not None:
-        return arg.select(in_dim, index)
-    if isinstance(arg, list) and isinstance(in_dim, (int, list)):
-        dims = in_dim if isinstance(in_dim, list) else [in_dim] * len(arg)
-        return [_sample(a, d, index) for a, d in zip(arg, dims)]
-    return arg
-
-
 def _check_op_vmap(op, args, in_dims, calls):
-    with _CountCalls() as counter:
+    with CountCalls() as counter:
         got = vmap(op, in_dims=in_dims)(*args)
     assert counter.calls[op] == calls
-    loop = [op(*(_sample(a, d, i) for a, d in zip(args, in_dims))) for i in range(BATCH)]
+    loop = [op(*(sample(a, d, i) for a, d in zip(args, in_dims))) for i in range(BATCH)]
     got_leaves = torch.utils._pytree.tree_leaves(got)
     for k, leaf in enumerate(got_leaves):
         want = [torch.utils._pytree.tree_leaves(out)[k] for out in loop]

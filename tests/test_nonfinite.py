@@ -11,18 +11,8 @@ import torch
 
 import coordgate_ext as cg
 from coordgate_ext import reference
+from tests.support import BACKENDS, HAS_TRITON
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-BACKENDS = [
-    "cpu",
-    pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")),
-]
 #: (parameter, index, value): a hidden or gate pre-activation of +-inf or NaN everywhere
 #: (biases), or a weight that meets the zero coordinate of an odd grid (0 * inf = NaN).
 INJECTIONS = [

@@ -13,18 +13,8 @@ import torch
 
 import coordgate_ext as cg
 from conftest import assert_close
+from tests.support import BACKENDS
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-BACKENDS = [
-    "cpu",
-    pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")),
-]
 
 
 def _layers():

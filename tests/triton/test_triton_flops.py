@@ -11,21 +11,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import flop_registry
 
 import coordgate_ext as cg
 from coordgate_ext import reference
 from coordgate_ext.functional import MLPGate, conv2d_output_size
 from coordgate_ext.ops import triton_ops
+from tests.support import count_flops
 
 ops = torch.ops.coordgate_ext_triton
-
-
-def _count(fn) -> tuple[int, dict[str, int]]:
-    """(total FLOPs, {op name: FLOPs}) that FlopCounterMode counts while fn runs."""
-    with FlopCounterMode(display=False) as mode:
-        fn()
-    return mode.get_total_flops(), {str(op): n for op, n in mode.get_flop_counts()["Global"].items()}
 
 
 @dataclass(frozen=True)
@@ -114,13 +108,13 @@ def _recomputed(case: Case, args: dict) -> int:
         ho, wo = conv2d_output_size(*args["input"].shape[2:], tuple(args["weight"].shape[2:]), args["stride"],
                                     args["padding"], args["dilation"])
         with torch.no_grad():
-            flops += _count(lambda: reference.mlp_gate(gate.weights, gate.biases, ho, wo,
+            flops += count_flops(lambda: reference.mlp_gate(gate.weights, gate.biases, ho, wo,
                                                        gate.hidden_activation, gate.gate_activation))[0]
     gate_needs_grad = "gate" not in case.no_grad
     mix_needs_grad = case.mix and "mix" not in case.no_grad
     if case.recompute and (gate_needs_grad or mix_needs_grad):
         with torch.no_grad():
-            flops += _count(lambda: F.conv2d(args["input"], args["weight"], args["bias"], args["stride"],
+            flops += count_flops(lambda: F.conv2d(args["input"], args["weight"], args["bias"], args["stride"],
                                              args["padding"], args["dilation"], args["groups"]))[0]
     return flops
 
@@ -138,16 +132,16 @@ def test_every_op_is_counted_by_a_test():
 def test_forward(case, tdevice):
     torch.manual_seed(0)
     args = _tensors(case, tdevice)
-    total, by_op = _count(lambda: _run(case, args, "triton"))
+    total, by_op = count_flops(lambda: _run(case, args, "triton"))
     assert f"{triton_ops.NAMESPACE}.{case.ops[0]}" in by_op
-    assert total == _count(lambda: _run(case, args, "reference"))[0]
+    assert total == count_flops(lambda: _run(case, args, "reference"))[0]
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_forward_backward(case, tdevice):
     torch.manual_seed(0)
     args = _tensors(case, tdevice)
-    total, by_op = _count(lambda: _forward_and_backward(case, args, "triton"))
-    expected, _ = _count(lambda: _forward_and_backward(case, args, "reference"))
+    total, by_op = count_flops(lambda: _forward_and_backward(case, args, "triton"))
+    expected, _ = count_flops(lambda: _forward_and_backward(case, args, "reference"))
     assert f"{triton_ops.NAMESPACE}.{case.ops[1]}" in by_op
     assert total == expected + _recomputed(case, args)

@@ -6,18 +6,17 @@ AD and double backward."""
 
 from __future__ import annotations
 
-import collections
 import copy
 
 import pytest
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import coordgate_ext as cg
 from coordgate_ext.ops import triton_ops
 from coordgate_ext.ops.gated_conv2d import output_memory_format
+from tests.support import CountCalls, sample
 
 ops = torch.ops.coordgate_ext_triton
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -216,33 +215,14 @@ def _op_cases():
 OP_CASES = _op_cases()
 
 
-class _CountCalls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _sample(arg, in_dim, index):
-    if isinstance(arg, torch.Tensor) and in_dim is not None:
-        return arg.select(in_dim, index)
-    if isinstance(arg, list) and isinstance(in_dim, (int, list)):
-        dims = in_dim if isinstance(in_dim, list) else [in_dim] * len(arg)
-        return [_sample(a, d, index) for a, d in zip(arg, dims)]
-    return arg
-
-
 @pytest.mark.parametrize("op_name,args,in_dims,calls", [c[0:1] + c[2:] for c in OP_CASES],
                          ids=[f"{c[0]}-{c[1]}" for c in OP_CASES])
 def test_op_vmap_matches_loop(op_name, args, in_dims, calls):
     op = getattr(ops, op_name).default
-    with _CountCalls() as counter:
+    with CountCalls() as counter:
         got = vmap(op, in_dims=in_dims)(*args)
     assert counter.calls[op] == calls
-    loop = [pytree.tree_leaves(op(*(_sample(a, d, i) for a, d in zip(args, in_dims)))) for i in range(BATCH)]
+    loop = [pytree.tree_leaves(op(*(sample(a, d, i) for a, d in zip(args, in_dims)))) for i in range(BATCH)]
     for k, leaf in enumerate(pytree.tree_leaves(got)):
         want = [leaves[k] for leaves in loop]
         if want[0].numel() == 0:

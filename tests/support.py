@@ -1,0 +1,54 @@
+"""Helpers shared by tests/ and tests/triton/ (imported as ``tests.support``: each folder's
+conftest is imported as ``conftest``, so they cannot share through it)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+#: The fused backends that run on CPU tensors here (Triton through its interpreter).
+BACKENDS = [
+    "cpu",
+    pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")),
+]
+
+
+def count_flops(fn) -> tuple[int, dict[str, int]]:
+    """(total FLOPs, {op name: FLOPs}) that FlopCounterMode counts while fn runs."""
+    with FlopCounterMode(display=False) as mode:
+        fn()
+    return mode.get_total_flops(), {str(op): n for op, n in mode.get_flop_counts()["Global"].items()}
+
+
+class CountCalls(TorchDispatchMode):
+    """Counts the calls of each op below the modes above it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def sample(arg, in_dim, index):
+    """Sample ``index`` of an argument batched along ``in_dim`` (a tensor, or a list with one
+    in_dim or one per tensor); any other argument as it is."""
+    if isinstance(arg, torch.Tensor) and in_dim is not None:
+        return arg.select(in_dim, index)
+    if isinstance(arg, list) and isinstance(in_dim, (int, list)):
+        dims = in_dim if isinstance(in_dim, list) else [in_dim] * len(arg)
+        return [sample(a, d, index) for a, d in zip(arg, dims)]
+    return arg
