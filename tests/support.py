@@ -17,11 +17,19 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-#: The fused backends that run on CPU tensors here (Triton through its interpreter).
+#: The CUDA C++ backend, on CUDA tensors where a GPU is visible.
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+#: The fused backends: the C++ CPU kernels, Triton (on CPU tensors through its interpreter), CUDA.
 BACKENDS = [
     "cpu",
     pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")),
+    CUDA,
 ]
+
+
+def device_of(backend: str) -> str:
+    """Where a backend's test tensors live."""
+    return "cuda" if backend == "cuda" else "cpu"
 
 
 def count_flops(fn) -> tuple[int, dict[str, int]]:

@@ -11,7 +11,7 @@ import torch
 
 import coordgate_ext as cg
 from coordgate_ext import reference
-from tests.support import BACKENDS, HAS_TRITON
+from tests.support import BACKENDS, CUDA, HAS_TRITON, device_of
 
 #: (parameter, index, value): a hidden or gate pre-activation of +-inf or NaN everywhere
 #: (biases), or a weight that meets the zero coordinate of an odd grid (0 * inf = NaN).
@@ -32,6 +32,7 @@ def _same(actual, expected, what):
 
 
 def _compare(layer, x, backend, train, what):
+    layer, x = layer.to(device_of(backend)), x.to(device_of(backend))
     ours, spec = copy.deepcopy(layer), copy.deepcopy(layer)
     ours.backend, spec.backend = backend, "reference"
     results = []
@@ -58,16 +59,17 @@ def _layer(hidden, gate, injection, dtype):
     return layer
 
 
+@pytest.mark.parametrize("backend", ["cpu", CUDA])
 @pytest.mark.parametrize("hidden", reference.ACTIVATIONS)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_nonfinite_encoder_parameters_propagate(hidden, train):
-    """The C++ backend: the fused op's in-op encoder (train) and the gate op (eval), forward
+def test_nonfinite_encoder_parameters_propagate(backend, hidden, train):
+    """The C++ backends: the fused op's in-op encoder (train) and the gate op (eval), forward
     and every gradient."""
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
     for gate in reference.ACTIVATIONS:
         for injection in INJECTIONS:
             layer = _layer(hidden, gate, injection, torch.float64)
-            _compare(layer, x, "cpu", train, f"{hidden}/{gate}: {injection}")
+            _compare(layer, x, backend, train, f"{hidden}/{gate}: {injection}")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -13,7 +13,7 @@ import torch
 
 import coordgate_ext as cg
 from conftest import assert_close
-from tests.support import BACKENDS
+from tests.support import BACKENDS, device_of
 
 
 
@@ -87,12 +87,12 @@ def _run(backend, label, factory, shape, recompute, train, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     dtype = torch.float32 if backend == "triton" else torch.float64
     torch.manual_seed(0)
-    module = factory().to(dtype)
+    module = factory().to(device_of(backend), dtype)
     module.recompute = recompute
-    x = torch.randn(shape, dtype=dtype)
+    x = torch.randn(shape, dtype=dtype, device=device_of(backend))
     with torch.no_grad():
         out_shape = module(x).shape
-    grad_out = torch.randn(out_shape, dtype=dtype)
+    grad_out = torch.randn(out_shape, dtype=dtype, device=device_of(backend))
     for subset in _subsets(["input", *_groups(module)], every=backend != "triton"):
             ours = copy.deepcopy(module)
             ours.backend = backend
