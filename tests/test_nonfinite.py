@@ -13,6 +13,9 @@ import coordgate_ext as cg
 from coordgate_ext import reference
 from tests.support import BACKENDS, CUDA, HAS_TRITON, device_of
 
+# NumPy, under the Triton interpreter, warns about the NaN these tests feed it on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
 #: (parameter, index, value): a hidden or gate pre-activation of +-inf or NaN everywhere
 #: (biases), or a weight that meets the zero coordinate of an odd grid (0 * inf = NaN).
 INJECTIONS = [
