@@ -20,8 +20,12 @@ __all__ = ["coordgate_conv2d", "mlp_gate", "MLPGate", "conv2d_output_size", "PAD
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
+def is_int(value) -> bool:
+    """An int, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _pair(value, name: str) -> tuple[int, int]:
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     if is_int(value):
         return (value, value)
     pair = tuple(value) if isinstance(value, (tuple, list, torch.Size)) else None

@@ -7,6 +7,7 @@ import collections
 
 import pytest
 import torch
+from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,3 +61,25 @@ def sample(arg, in_dim, index):
         dims = in_dim if isinstance(in_dim, list) else [in_dim] * len(arg)
         return [sample(a, d, index) for a, d in zip(arg, dims)]
     return arg
+
+
+def randomize(layer: torch.nn.Module) -> torch.nn.Module:
+    """The layer with random parameters, all away from zero (a fresh layer's gate is one)."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + 0.3)
+    return layer
+
+
+def params_of(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The layer's parameters, detached, for torch.func.functional_call."""
+    return {k: v.detach() for k, v in layer.named_parameters()}
+
+
+def loss_of(layer: torch.nn.Module):
+    """loss(params, x, cotangent) = sum(layer(x) * cotangent) with the given parameters."""
+
+    def loss(params, x, cotangent):
+        return (functional_call(layer, params, (x,)) * cotangent).sum()
+
+    return loss

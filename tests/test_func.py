@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 import coordgate_ext as cg
 from coordgate_ext.ops import _library
 from coordgate_ext.ops.gated_conv2d import output_memory_format
-from tests.support import CountCalls, sample
+from tests.support import CountCalls, loss_of, params_of, randomize, sample
 
 ops = torch.ops.coordgate_ext
 DTYPE = torch.float64
@@ -42,30 +42,16 @@ LAYERS = {
 BATCH = 3
 
 
-def _layer(name: str, backend: str):
-    """The layer with random parameters (a fresh layer's gate is near one), and its input shape."""
+def _layer(name, backend):
+    """The layer with random parameters, and its input shape."""
     make, shape = LAYERS[name]
-    layer = make(backend)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * 0.5 + 0.3)
-    return layer, shape
+    return randomize(make(backend)), shape
 
 
 def assert_close(actual, expected):
     """torch.testing's float64 tolerances. Not conftest.assert_close: with a tests/triton file on
     the same command line, `import conftest` finds tests/triton/conftest.py."""
     torch.testing.assert_close(actual, expected)
-
-
-def _params(layer):
-    return {k: v.detach() for k, v in layer.named_parameters()}
-
-
-def _loss(layer):
-    def loss(params, x, cotangent):
-        return (functional_call(layer, params, (x,)) * cotangent).sum()
-    return loss
 
 
 def _inputs(shape, batch=BATCH, layout="contiguous"):
@@ -90,7 +76,7 @@ def test_grad_of_functional_call_matches_autograd(name, backend, train):
     layer.train(train)
     x = torch.randn(shape, dtype=DTYPE)
     cotangent = torch.randn_like(layer(x))
-    grads, grad_x = grad(_loss(layer), argnums=(0, 1))(_params(layer), x, cotangent)
+    grads, grad_x = grad(loss_of(layer), argnums=(0, 1))(params_of(layer), x, cotangent)
     x_ = x.clone().requires_grad_()
     (layer(x_) * cotangent).sum().backward()
     assert_close(grad_x, x_.grad)
@@ -147,7 +133,7 @@ def test_per_sample_grads_match_loop(name, backend):
     layer, shape = _layer(name, backend)
     xs = _inputs(shape)
     cotangents = torch.randn_like(vmap(layer)(xs))
-    grads = vmap(grad(_loss(layer)), in_dims=(None, 0, 0))(_params(layer), xs, cotangents)
+    grads = vmap(grad(loss_of(layer)), in_dims=(None, 0, 0))(params_of(layer), xs, cotangents)
     for b in range(BATCH):
         layer.zero_grad()
         (layer(xs[b]) * cotangents[b]).sum().backward()
@@ -163,7 +149,7 @@ def test_vmap_over_parameters_matches_loop(name, backend, train):
     layer, shape = _layer(name, backend)
     layer.train(train)
     x = torch.randn(shape, dtype=DTYPE)
-    members = [_params(layer), {k: v + 0.1 * torch.randn_like(v) for k, v in _params(layer).items()}]
+    members = [params_of(layer), {k: v + 0.1 * torch.randn_like(v) for k, v in params_of(layer).items()}]
     stacked = {k: torch.stack([m[k] for m in members]) for k in members[0]}
     out = vmap(lambda p: functional_call(layer, p, (x,)))(stacked)
     assert_close(out, torch.stack([functional_call(layer, m, (x,)) for m in members]))
@@ -176,7 +162,7 @@ def test_jacrev_matches_autograd_jacobian(name, backend):
     over grad_out with weight gradients asked for (the loop)."""
     layer, shape = _layer(name, backend)
     x = torch.randn((1, *shape[1:]), dtype=DTYPE)
-    params = _params(layer)
+    params = params_of(layer)
     names = list(params)
 
     def by_params(*values):
@@ -199,7 +185,7 @@ def test_forward_mode_ad_raises(name):
     transform (forward over reverse)."""
     layer, shape = _layer(name, "cpu")
     x = torch.randn(shape, dtype=DTYPE)
-    params = _params(layer)
+    params = params_of(layer)
     tangents = {k: torch.randn_like(v) for k, v in params.items()}
     with pytest.raises(NotImplementedError, match=FORWARD_MODE):
         jvp(lambda p: functional_call(layer, p, (x,)), (params,), (tangents,))
@@ -233,7 +219,7 @@ def test_double_backward_raises(name):
         return sum(g.square().sum() for g in grads.values())
 
     with pytest.raises(RuntimeError, match=r"double backward .* is not supported"):
-        grad(grad_norm)(_params(layer))
+        grad(grad_norm)(params_of(layer))
 
 
 # --- the operators' vmap rules -----------------------------------------------------------------

@@ -14,16 +14,6 @@ from ..ops.gated_conv2d import output_memory_format
 from .encoders import GateCache, make_encoder
 
 
-def _check_backend(backend: str) -> str:
-    if backend != "auto" and backend not in dispatch.BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {', '.join(dispatch.BACKENDS)}; got {backend!r}")
-    return backend
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_conv_arguments(name: str, dims: int, kernel_size, stride, padding, dilation) -> None:
     """nn.Conv1d / nn.Conv2d take any value and fail later ("'float' object is not iterable"
     at the first forward): this says at construction which argument is wrong, what was
@@ -33,12 +23,12 @@ def check_conv_arguments(name: str, dims: int, kernel_size, stride, padding, dil
         return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
     for arg, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
-        if not (len(entries(value)) == dims and all(_is_int(v) and v >= 1 for v in entries(value))):
+        if not (len(entries(value)) == dims and all(functional.is_int(v) and v >= 1 for v in entries(value))):
             raise ValueError(f"{name}: {arg} must be a positive int or a tuple of {dims} positive ints, "
                              f"got {value!r}")
     if isinstance(padding, str):
         return  # nn.Conv2d checks the strings
-    if not (len(entries(padding)) == dims and all(_is_int(v) and v >= 0 for v in entries(padding))):
+    if not (len(entries(padding)) == dims and all(functional.is_int(v) and v >= 0 for v in entries(padding))):
         raise ValueError(f"{name}: padding must be 'same', 'valid', a non-negative int or a tuple of "
                          f"{dims} of them, got {padding!r}")
 
@@ -91,15 +81,7 @@ class FusedCoordGateConv2d(GateCache, nn.Conv2d):
             map_size=map_size, gate_init=gate_init, device=device, dtype=dtype,
         )
         self.recompute = recompute
-        self.backend = _check_backend(backend)
-
-    def reset_parameters(self) -> None:
-        """Re-initialises the convolution as nn.Conv2d does and the encoder as gate_init says."""
-        super().reset_parameters()
-        # nn.Conv2d.__init__ calls this before the encoder exists.
-        encoder = getattr(self, "encoder", None)
-        if encoder is not None:
-            encoder.reset_parameters()
+        self.backend = dispatch.check_backend(backend)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         return functional.conv2d_output_size(

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .. import functional
-from .conv import _check_backend, check_conv_arguments
+from ..ops import dispatch
+from .conv import check_conv_arguments
 from .encoders import GateCache, make_encoder
 
 
@@ -78,15 +79,7 @@ class FusedCoordGateConv1d(GateCache, nn.Conv1d):
             map_size=(1, *map_size), gate_init=gate_init, device=device, dtype=dtype,
         )
         self.recompute = recompute
-        self.backend = _check_backend(backend)
-
-    def reset_parameters(self) -> None:
-        """Re-initialises the convolution as nn.Conv1d does and the encoder as gate_init says."""
-        super().reset_parameters()
-        # nn.Conv1d.__init__ calls this before the encoder exists.
-        encoder = getattr(self, "encoder", None)
-        if encoder is not None:
-            encoder.reset_parameters()
+        self.backend = dispatch.check_backend(backend)
 
     def _padding_2d(self):
         return self.padding if isinstance(self.padding, str) else (0, self.padding[0])

@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .conv import _check_backend
+from ..ops import dispatch
 from .encoders import ENCODER_ALIASES, GateCache, make_encoder
 
 
@@ -48,7 +48,7 @@ class CoordGate(GateCache, nn.Module):
             map_size=map_size, gate_init=gate_init, device=device, dtype=dtype,
         )
         self.conv = nn.Conv2d(channels, out_channels, 1, device=device, dtype=dtype)
-        self.backend = _check_backend(backend)
+        self.backend = dispatch.check_backend(backend)
 
     def reset_parameters(self) -> None:
         """Re-initialises the encoder as gate_init says and the 1x1 convolution as nn.Conv2d."""

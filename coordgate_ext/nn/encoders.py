@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 
 import torch
@@ -47,7 +46,7 @@ def _check_map_size(map_size, dims: int = 2) -> tuple[int, ...]:
     except TypeError:
         size = None
     if size is None or len(size) != dims or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size
+        functional.is_int(v) and v > 0 for v in size
     ):
         raise ValueError(f"map_size must be {dims} positive ints, got {map_size!r}")
     return size
@@ -86,9 +85,9 @@ class MLPEncoder(nn.Module):
         gate_init: str = "one",
     ):
         super().__init__()
-        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        if not functional.is_int(layers) or layers < 1:
             raise ValueError(f"the MLP encoder needs at least one layer, got encoder_layers={layers!r}")
-        if layers > 1 and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+        if layers > 1 and (not functional.is_int(hidden) or hidden < 1):
             raise ValueError(f"encoder_hidden must be a positive int, got {hidden!r}")
         widths = [2] + [hidden] * (layers - 1) + [out_channels]
         self.layers = nn.ModuleList(
@@ -246,6 +245,15 @@ class GateCache:
     encoder: nn.Module
     backend: str
 
+    def reset_parameters(self) -> None:
+        """Re-initialises the layer as its torch.nn base class does and the encoder as
+        gate_init says (layers whose base has no reset_parameters define their own)."""
+        super().reset_parameters()
+        # nn.Conv1d / nn.Conv2d.__init__ call this before the encoder exists.
+        encoder = getattr(self, "encoder", None)
+        if encoder is not None:
+            encoder.reset_parameters()
+
     def _gate_cacheable(self) -> bool:
         if self.training or torch.compiler.is_compiling():
             return False
@@ -307,8 +315,9 @@ class GateCache:
     def gate_map(self, height: int, width: int) -> torch.Tensor:
         """The (C, height, width) gate on an output grid of height x width: a tensor of the
         caller's own (editing it changes no later output)."""
-        gate = self._gate(height, width)
-        return gate.clone() if self._gate_cacheable() else gate
+        if not self._gate_cacheable():
+            return self.encoder(height, width, backend=self.backend)
+        return self._cached_gate(height, width, False).clone()
 
     def clear_gate_cache(self) -> None:
         """Drops the cached gates (they are also dropped when their grid falls out of use)."""

@@ -80,6 +80,13 @@ def available_backends() -> dict[str, str | None]:
     return {name: _unavailable_reason(name) for name in BACKENDS}
 
 
+def check_backend(backend: str) -> str:
+    """``backend`` if it is "auto" or one of BACKENDS, else a ValueError naming them."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
+    return backend
+
+
 #: Backends whose kernels refuse some dtypes (the Triton kernels compute at most float32):
 #: "auto" passes over them for those dtypes.
 UNSUPPORTED_DTYPES = {"triton": (torch.float64,)}
@@ -89,8 +96,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
     """The concrete backend that runs tensors on ``device`` for the requested ``backend``
     ("reference" for every backend while an ONNX export traces the model). ``dtype``: the
     tensors' dtype, for "auto" to pass over a backend that does not compute it."""
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
+    check_backend(backend)
     if exporting_onnx():
         return "reference"
     if backend == "auto":

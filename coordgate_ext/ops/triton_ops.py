@@ -104,8 +104,6 @@ def _backward_plain(ctx, grad_out, _grad_conv):
     return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 5
 
 
-
-
 # --- gated_conv2d_fused: in-kernel gate and / or fused mix ----------------------------------
 
 @torch.library.custom_op(f"{NAMESPACE}::gated_conv2d_fused", mutates_args=())

@@ -32,6 +32,7 @@ constexpr int64_t kTile = 2048;
 struct Mlp {
   std::vector<at::Tensor> weight, bias;  // compute dtype, contiguous; bias as (out, 1)
   Activation hidden, gate;
+  bool piecewise_linear = false;  // the fast path below applies (see is_piecewise_linear)
   int64_t layers() const { return static_cast<int64_t>(weight.size()); }
   Activation activation(int64_t l) const { return l + 1 == layers() ? gate : hidden; }
 };
@@ -114,7 +115,7 @@ struct Tile {
 // double (vectorised sums: in the compute dtype over chunks of kSumChunk columns).
 // Only for finite parameters: the segment sums skip inactive units and columns, where a
 // NaN or infinite weight must still reach the gate (0 * inf is NaN in the specification).
-bool piecewise_linear(const Mlp& m) {
+bool is_piecewise_linear(const Mlp& m) {
   if (m.layers() != 2 || (m.hidden != Activation::kRelu && m.hidden != Activation::kNone)) {
     return false;
   }
@@ -418,7 +419,7 @@ void piecewise_linear_backward_kernel(const Mlp& m, int64_t height, int64_t widt
 // gate: (C, height, width) memory, or (height, width, C) where pixel_major.
 template <typename T>
 void mlp_gate_kernel(const Mlp& m, int64_t height, int64_t width, bool pixel_major, T* gate) {
-  if (piecewise_linear(m)) {
+  if (m.piecewise_linear) {
     piecewise_linear_gate_kernel<T>(m, height, width, pixel_major, gate);
     return;
   }
@@ -447,12 +448,12 @@ void mlp_gate_kernel(const Mlp& m, int64_t height, int64_t width, bool pixel_maj
   });
 }
 
-// grad_gate: contiguous, or pixel-major for a piecewise_linear encoder.
+// grad_gate: contiguous, or pixel-major for a piecewise-linear encoder.
 template <typename T>
 void mlp_gate_backward_kernel(const Mlp& m, int64_t height, int64_t width,
                               const at::Tensor& grad_gate, std::vector<at::Tensor>& grad_w,
                               std::vector<at::Tensor>& grad_b) {
-  if (piecewise_linear(m)) {
+  if (m.piecewise_linear) {
     piecewise_linear_backward_kernel<T>(m, height, width, grad_gate.data_ptr<T>(),
                                         !grad_gate.is_contiguous(), grad_w, grad_b);
     return;
@@ -533,6 +534,8 @@ Mlp make_mlp(at::TensorList weights, at::TensorList biases, at::ScalarType dtype
   }
   m.hidden = parse_activation(hidden_activation);
   m.gate = parse_activation(gate_activation);
+  // Once per op call: the finiteness test reads every parameter.
+  m.piecewise_linear = is_piecewise_linear(m);
   return m;
 }
 
@@ -582,7 +585,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_gate_backward_c
   const auto cdtype = compute_dtype(dtype);
   const Mlp m = make_mlp(weights, biases, cdtype, hidden_activation, gate_activation);
   const auto cast = grad_gate.to(cdtype);
-  const bool in_place = piecewise_linear(m) && !cast.is_contiguous() && pixel_major(cast);
+  const bool in_place = m.piecewise_linear && !cast.is_contiguous() && pixel_major(cast);
   const auto gg = in_place ? cast : cast.contiguous();
   std::vector<at::Tensor> grad_w, grad_b;
   AT_DISPATCH_FLOATING_TYPES(cdtype, "mlp_gate_backward_cpu", [&] {

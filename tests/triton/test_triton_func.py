@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 import coordgate_ext as cg
 from coordgate_ext.ops import triton_ops
 from coordgate_ext.ops.gated_conv2d import output_memory_format
-from tests.support import CountCalls, sample
+from tests.support import CountCalls, loss_of, params_of, randomize, sample
 
 ops = torch.ops.coordgate_ext_triton
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -37,22 +37,9 @@ LAYERS = {
 
 
 def _layer(name, device):
+    """The layer with random parameters, and its input shape."""
     make, shape = LAYERS[name]
-    layer = make(device)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * 0.5 + 0.3)
-    return layer, shape
-
-
-def _params(layer):
-    return {k: v.detach() for k, v in layer.named_parameters()}
-
-
-def _loss(layer):
-    def loss(params, x, cotangent):
-        return (functional_call(layer, params, (x,)) * cotangent).sum()
-    return loss
+    return randomize(make(device)), shape
 
 
 def _close(actual, expected):
@@ -66,7 +53,7 @@ def test_grad_of_functional_call_matches_autograd(name, train, tdevice):
     layer.train(train)
     x = torch.randn(shape, device=tdevice)
     cotangent = torch.randn_like(layer(x))
-    grads, grad_x = grad(_loss(layer), argnums=(0, 1))(_params(layer), x, cotangent)
+    grads, grad_x = grad(loss_of(layer), argnums=(0, 1))(params_of(layer), x, cotangent)
     x_ = x.clone().requires_grad_()
     (layer(x_) * cotangent).sum().backward()
     _close(grad_x, x_.grad)
@@ -113,7 +100,7 @@ def test_per_sample_grads_match_loop(name, tdevice):
     layer, shape = _layer(name, tdevice)
     xs = torch.randn(BATCH, *shape, device=tdevice)
     cotangents = torch.randn_like(vmap(layer)(xs))
-    grads = vmap(grad(_loss(layer)), in_dims=(None, 0, 0))(_params(layer), xs, cotangents)
+    grads = vmap(grad(loss_of(layer)), in_dims=(None, 0, 0))(params_of(layer), xs, cotangents)
     for b in range(BATCH):
         layer.zero_grad()
         (layer(xs[b]) * cotangents[b]).sum().backward()
@@ -125,7 +112,7 @@ def test_per_sample_grads_match_loop(name, tdevice):
 def test_vmap_over_parameters_matches_loop(name, tdevice):
     layer, shape = _layer(name, tdevice)
     x = torch.randn(shape, device=tdevice)
-    members = [_params(layer), {k: v + 0.1 * torch.randn_like(v) for k, v in _params(layer).items()}]
+    members = [params_of(layer), {k: v + 0.1 * torch.randn_like(v) for k, v in params_of(layer).items()}]
     stacked = {k: torch.stack([m[k] for m in members]) for k in members[0]}
     out = vmap(lambda p: functional_call(layer, p, (x,)))(stacked)
     _close(out, torch.stack([functional_call(layer, m, (x,)) for m in members]))
@@ -138,7 +125,7 @@ FORWARD_MODE = r"coordgate_ext_triton::\w+: forward-mode AD .* is not supported"
 def test_forward_mode_ad_raises(name, tdevice):
     layer, shape = _layer(name, tdevice)
     x = torch.randn(shape, device=tdevice)
-    params = _params(layer)
+    params = params_of(layer)
     tangents = {k: torch.randn_like(v) for k, v in params.items()}
     with pytest.raises(NotImplementedError, match=FORWARD_MODE):
         jvp(lambda p: functional_call(layer, p, (x,)), (params,), (tangents,))
@@ -156,7 +143,7 @@ def test_double_backward_raises(name, tdevice):
         return sum(g.square().sum() for g in grads.values())
 
     with pytest.raises(RuntimeError, match=r"double backward .* is not supported"):
-        grad(grad_norm)(_params(layer))
+        grad(grad_norm)(params_of(layer))
 
 
 def test_double_backward_through_autograd_raises(tdevice):
