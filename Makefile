@@ -48,4 +48,4 @@ static-report: build
 	$(PY) scripts/cuda_static_report.py > docs/cuda_static_report.md
 
 clean:
-	rm -rf build coordgate_ext/*.so
+	rm -rf build dist coordgate_ext/*.so coordgate_ext/_build_info.json

@@ -1,5 +1,6 @@
 """What the build of coordgate_ext._C compiles, decided in one place: setup.py builds by it,
-and tests/test_cuda_build.py checks the built extension against it.
+records what it built in coordgate_ext/_build_info.json (INFO_FILE, read at import by
+coordgate_ext.build_info()), and tests/test_cuda_build.py checks the built extension against it.
 
 COORDGATE_CUDA=1 forces the CUDA part on (and fails if it cannot be built), COORDGATE_CUDA=0
 forces it off; unset, it is built when csrc/cuda holds sources, torch is a CUDA build and a
@@ -14,6 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.abspath(__file__))
 #: The architectures compiled when TORCH_CUDA_ARCH_LIST is not set: A100 and H100.
 DEFAULT_ARCH_LIST = "8.0;9.0"
+#: The record of a build, written beside the extension.
+INFO_FILE = "_build_info.json"
 
 
 class BuildConfigError(RuntimeError):
@@ -60,3 +63,26 @@ def cuda_plan():
             raise BuildConfigError("COORDGATE_CUDA=1 but the CUDA part cannot be built: " + "; ".join(reasons))
         return False, "; ".join(reasons)
     return True, "toolkit at " + toolkit_root()
+
+
+def build_info(torch_version: str, cuda: bool, reason: str) -> dict:
+    """The record of a build: the torch it was compiled against (the extension loads only
+    with that torch) and its CUDA part."""
+    return {
+        "torch": torch_version,
+        "cpu_kernels": True,
+        "cuda_kernels": cuda,
+        "cuda_arch_list": arch_list() if cuda else None,
+        "cuda_toolkit": toolkit_root() if cuda else None,
+        "cuda_reason": None if cuda else reason,
+    }
+
+
+def summary(info: dict) -> str:
+    """One line saying what a build compiled."""
+    if info["cuda_kernels"]:
+        cuda = (f"CUDA kernels for TORCH_CUDA_ARCH_LIST={info['cuda_arch_list']} "
+                f"(toolkit {info['cuda_toolkit']})")
+    else:
+        cuda = f"no CUDA kernels ({info['cuda_reason']})"
+    return f"built against torch {info['torch']}: C++ CPU kernels, {cuda}"

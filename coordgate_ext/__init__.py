@@ -10,6 +10,7 @@ from . import physics, reference
 from .functional import coordgate_conv2d, mlp_gate
 from .nn import CoordGate, FusedCoordGateBlock2d, FusedCoordGateConv1d, FusedCoordGateConv2d
 from .ops._library import (
+    build_info,
     cpu_band_bytes,
     cpu_cache_bytes,
     cpu_engine,
@@ -31,6 +32,7 @@ __all__ = [
     "mlp_gate",
     "reference",
     "available_backends",
+    "build_info",
     "BackendUnavailableError",
     "empty_cpu_cache",
     "cpu_cache_bytes",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import json
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -19,23 +21,57 @@ OPS = (
     "mlp_gated_conv2d_backward",
 )
 
-try:
-    # By its full name: `from .. import _C` reports a missing module as "cannot import name
-    # '_C' from partially initialized module (most likely due to a circular import)".
-    _C = importlib.import_module("coordgate_ext._C")  # registers the schemas and the kernels
 
-    LOAD_ERROR: str | None = None
-except ImportError as exc:  # not built, or built against another torch
-    LOAD_ERROR = (
-        f"the C++ extension coordgate_ext._C could not be imported ({type(exc).__name__}: {exc}); "
-        "build it with `make build` (or `pip install .`), with the torch it will run with"
-    )
+def _read_build_info() -> dict | None:
+    """The record setup.py wrote beside the extension (build_config.build_info), or None."""
+    path = Path(__file__).resolve().parent.parent / "_build_info.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _load():
+    """(the extension module or None, the reason it is not loaded or None)."""
+    if BUILD_INFO is not None and BUILD_INFO["torch"] != torch.__version__:
+        # Loading it could fail on a missing symbol or, worse, load and misbehave.
+        return None, (
+            f"the C++ extension coordgate_ext._C was built against torch {BUILD_INFO['torch']} "
+            f"but torch {torch.__version__} is running; rebuild it against this torch with "
+            "`pip install --no-build-isolation .` (or `make build`)"
+        )
+    try:
+        # By its full name: `from .. import _C` reports a missing module as "cannot import name
+        # '_C' from partially initialized module (most likely due to a circular import)".
+        return importlib.import_module("coordgate_ext._C"), None  # registers the ops
+    except ImportError as exc:  # not built, or built against another torch
+        return None, (
+            f"the C++ extension coordgate_ext._C could not be imported ({type(exc).__name__}: "
+            f"{exc}); build it with `make build` (or `pip install .`), with the torch it will "
+            "run with"
+        )
+
+
+BUILD_INFO = _read_build_info()
+_C, LOAD_ERROR = _load()
+if LOAD_ERROR is not None:
     warnings.warn(
         f"coordgate_ext: {LOAD_ERROR}. Only the 'reference' and 'triton' backends can run; "
         "backend='auto' uses the reference on CPU tensors.",
         RuntimeWarning,
         stacklevel=2,
     )
+
+
+def build_info() -> dict:
+    """What the installed extension was built with, and whether it is loaded.
+
+    Keys: "torch" (the version it was compiled against; it loads only with that one),
+    "cpu_kernels", "cuda_kernels" (bools), "cuda_arch_list" (TORCH_CUDA_ARCH_LIST of the
+    build), "cuda_toolkit", "cuda_reason" (why there are no CUDA kernels), "loaded" (bool) and
+    "load_error" (why not, or None). Only "loaded" and "load_error" where no build is found.
+    """
+    return {**(BUILD_INFO or {}), "loaded": LOAD_ERROR is None, "load_error": LOAD_ERROR}
 
 
 def loaded() -> bool:
