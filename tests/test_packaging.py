@@ -92,7 +92,7 @@ def built(tmp_path_factory):
     python = venv / "bin" / "python"
     pip = [sys.executable, "-m", "pip", "--python", python]
     install = subprocess.run(
-        pip + ["install", "--quiet", TORCH_REQUIREMENT, "setuptools>=77", "wheel", "ninja"],
+        pip + ["install", "--quiet", TORCH_REQUIREMENT, "numpy", "setuptools>=77", "wheel", "ninja"],
         cwd=tmp, capture_output=True, text=True, timeout=900,
     )
     if install.returncode != 0:
@@ -102,7 +102,8 @@ def built(tmp_path_factory):
     log = _run(pip + ["wheel", "--no-build-isolation", "--no-deps", "--wheel-dir", wheels, sdist],
                tmp, env=env)
     (wheel,) = wheels.glob("coordgate_ext-*.whl")
-    _run(pip + ["install", "--no-deps", wheel], tmp, env=env)
+    _run(pip + ["install", wheel], tmp, env=env)  # its requirements are already met
+    _run(pip + ["check"], tmp, env=env)
     return sdist, wheel, log, python, env
 
 
@@ -132,7 +133,7 @@ def test_wheel_holds_the_package_its_extension_and_metadata(built):
     assert not [n for n in names if n.startswith(("tests/", "csrc/", "benchmarks/"))]
     assert "License-Expression: BSD-3-Clause" in meta
     assert "Requires-Python: >=3.10" in meta
-    assert "Requires-Dist: torch>=2.13" in meta
+    assert "Requires-Dist: torch>=2.13" in meta and "Requires-Dist: numpy" in meta
     for extra in ("experiments", "test"):
         assert f"Provides-Extra: {extra}" in meta
     assert "Requires-Dist: matplotlib" in meta and "; extra == \"experiments\"" in meta
@@ -157,3 +158,43 @@ def test_installed_package_runs_against_the_torch_it_was_built_with(built, tmp_p
     assert build["cpu_kernels"] and not build["cuda_kernels"]
     assert result["backends"]["cpu"] is None and result["backends"]["reference"] is None
     assert result["forward_err"] < 1e-12 and result["grad_err"] < 1e-12
+
+
+def test_build_record_matches_the_loaded_extension():
+    import torch
+
+    import coordgate_ext as cg
+    from coordgate_ext.ops import _library
+
+    info = cg.build_info()
+    assert info["loaded"] and info["load_error"] is None
+    assert info["torch"] == torch.__version__
+    assert info["cpu_kernels"] and _library.has_kernel("gated_conv2d", "CPU")
+    assert info["cuda_kernels"] == _library.has_kernel("gated_conv2d", "CUDA")
+    assert (info["cuda_reason"] is None) == info["cuda_kernels"]
+
+
+def test_extension_built_against_another_torch_is_not_loaded(monkeypatch):
+    from coordgate_ext.ops import _library
+
+    monkeypatch.setattr(_library, "BUILD_INFO", {**(_library.BUILD_INFO or {}), "torch": "2.0.0"})
+    module, reason = _library._load()
+    assert module is None
+    assert "built against torch 2.0.0 but torch" in reason
+    assert "pip install --no-build-isolation ." in reason
+
+
+def test_build_summary_says_what_was_built(monkeypatch):
+    import build_config  # the repository root is on pytest's pythonpath
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    monkeypatch.setattr(build_config, "toolkit_root", lambda: "/opt/cuda")
+    with_cuda = build_config.build_info("2.14.1+cu130", True, "toolkit at /opt/cuda")
+    assert build_config.summary(with_cuda) == (
+        "built against torch 2.14.1+cu130: C++ CPU kernels, CUDA kernels for "
+        "TORCH_CUDA_ARCH_LIST=8.0;9.0+PTX (toolkit /opt/cuda)"
+    )
+    without = build_config.build_info("2.13.0+cpu", False, "COORDGATE_CUDA=0")
+    assert without["cuda_arch_list"] is None and without["cuda_toolkit"] is None
+    assert build_config.summary(without) == (
+        "built against torch 2.13.0+cpu: C++ CPU kernels, no CUDA kernels (COORDGATE_CUDA=0)"
+    )

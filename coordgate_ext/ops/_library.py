@@ -125,7 +125,7 @@ def set_cpu_band_bytes(nbytes: int) -> None:
     or a few output rows at a time and gates each band while it is in cache (default 2 MiB,
     measured best here under glibc's default allocator, where bigger bands fault in fresh
     pages; under a heap allocator such as jemalloc, bigger bands made the forward a little
-    faster: see the README; 1 makes every band one output row). Process-wide."""
+    faster: see docs/cpu_performance.md; 1 makes every band one output row). Process-wide."""
     _check_bytes(nbytes, "cpu band bytes", 1)
     _extension().set_cpu_band_bytes(nbytes)
 
@@ -140,7 +140,7 @@ def set_cpu_stream_bytes(nbytes: int) -> None:
     from which the "aten" engine's forward writes float32 outputs with non-temporal stores,
     straight to memory instead of through the cache (default 128 MiB: faster where the
     outputs are far larger than the cache, slower where the next operation still finds them
-    there; see the README; 0 streams every output). Not with a 1x1 mix, nor for float16 /
+    there; see docs/cpu_performance.md; 0 streams every output). Not with a 1x1 mix, nor for float16 /
     bfloat16 inputs: their float32 outputs are read again at once. Process-wide."""
     _check_bytes(nbytes, "cpu stream bytes", 0)
     _extension().set_cpu_stream_bytes(nbytes)
