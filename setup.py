@@ -2,8 +2,8 @@
 (build_config.py decides and says why). The project's metadata is in pyproject.toml.
 
 What was built is written beside the extension (coordgate_ext/_build_info.json, read by
-`coordgate_ext.build_info()`) and announced as a build warning, the one kind of build output
-that pip (26 and newer) shows without -v.
+`coordgate_ext.build_info()`), printed, and announced as a build warning under pip, the one
+kind of build output that pip (26 and newer) shows without -v.
 """
 
 import glob
@@ -75,7 +75,13 @@ class BuildExt(cpp_extension.BuildExtension):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, build_config.INFO_FILE), "w") as f:
             json.dump(info, f, indent=1)
-        warnings.warn_explicit(build_config.summary(info), BuildSummary, "coordgate_ext", 0)
+        summary = build_config.summary(info)
+        print(f"coordgate_ext build: {summary}", flush=True)
+        # pip shows a build's output only with -v, but a build backend's warnings without, for
+        # a local folder (not for an sdist). pyproject_hooks, which every PEP 517 frontend
+        # uses, names the backend in this variable.
+        if "_PYPROJECT_HOOKS_BUILD_BACKEND" in os.environ:
+            warnings.warn_explicit(summary, BuildSummary, "coordgate_ext", 0)
 
 
 setup(

@@ -1,8 +1,8 @@
 """The package installs the way Python users install it: an sdist made from a clean copy of
-the repository holds everything a build needs; a wheel built from that sdist, in a fresh venv
-with a CPU build of another torch (so the C++ CPU kernels alone are compiled, in a few
-minutes), installs, says what it built in pip's normal output, and the installed package
-computes what the reference computes.
+the repository holds everything a build needs; in a fresh venv with a CPU build of another
+torch (so that only the C++ CPU kernels are compiled, in a few minutes), a wheel built from
+the copy holds the package and its metadata and its build says what it built in pip's normal
+output, and the package installed from the sdist computes what the reference computes.
 
 COORDGATE_TEST_TORCH is the torch requirement of the fresh venv (default torch==2.13.0, the
 CPU wheel on this machine's disk; on a machine without it, point it at another CPU build).
@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -78,9 +79,17 @@ def _clean_copy(dest: Path) -> None:
             shutil.copy2(ROOT / name, dest / name)
 
 
+@dataclass
+class Built:
+    sdist: Path
+    wheel: Path  # built from the clean copy's folder
+    wheel_log: str  # pip's normal output of that build
+    python: Path  # the fresh venv's, with the package installed from the sdist
+    env: dict
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """(sdist path, wheel path, pip's output of the wheel build, the fresh venv's python)."""
+def built(tmp_path_factory) -> Built:
     tmp = tmp_path_factory.mktemp("packaging")
     src, dist, wheels = tmp / "src", tmp / "dist", tmp / "wheels"
     _clean_copy(src)
@@ -99,17 +108,18 @@ def built(tmp_path_factory):
         pytest.skip(f"cannot install {TORCH_REQUIREMENT} into a fresh venv (set "
                     f"COORDGATE_TEST_TORCH): {install.stderr[-2000:]}")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COORDGATE_CUDA")}
-    log = _run(pip + ["wheel", "--no-build-isolation", "--no-deps", "--wheel-dir", wheels, sdist],
+    # pip shows a build backend's warnings (the build summary) for a local folder only.
+    log = _run(pip + ["wheel", "--no-build-isolation", "--no-deps", "--wheel-dir", wheels, src],
                tmp, env=env)
     (wheel,) = wheels.glob("coordgate_ext-*.whl")
-    _run(pip + ["install", wheel], tmp, env=env)  # its requirements are already met
+    # Its requirements are already met: nothing more is installed.
+    _run(pip + ["install", "--no-build-isolation", "--no-cache-dir", sdist], tmp, env=env)
     _run(pip + ["check"], tmp, env=env)
-    return sdist, wheel, log, python, env
+    return Built(sdist, wheel, log, python, env)
 
 
 def test_sdist_holds_what_a_build_needs_and_no_build_output(built):
-    sdist, *_ = built
-    with tarfile.open(sdist) as tar:
+    with tarfile.open(built.sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     missing = [name for name in SDIST_MUST_HOLD if name not in names]
     assert not missing, f"the sdist lacks {missing}"
@@ -120,8 +130,7 @@ def test_sdist_holds_what_a_build_needs_and_no_build_output(built):
 
 
 def test_wheel_holds_the_package_its_extension_and_metadata(built):
-    _, wheel, *_ = built
-    with zipfile.ZipFile(wheel) as whl:
+    with zipfile.ZipFile(built.wheel) as whl:
         names = set(whl.namelist())
         (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         meta = whl.read(metadata).decode()
@@ -142,16 +151,16 @@ def test_wheel_holds_the_package_its_extension_and_metadata(built):
 
 
 def test_build_says_what_it_built_in_pips_normal_output(built):
-    *_, log, _, _ = built
+    log = built.wheel_log
     assert "coordgate_ext:0: BuildBackendWarning: built against torch" in log, log[-3000:]
     assert "C++ CPU kernels, no CUDA kernels (torch is not a CUDA build)" in log, log[-3000:]
 
 
-def test_installed_package_runs_against_the_torch_it_was_built_with(built, tmp_path):
-    *_, python, env = built
+def test_package_installed_from_the_sdist_runs_against_the_torch_it_was_built_with(built, tmp_path):
     # Run outside the repository so that the source tree cannot be imported instead.
-    result = json.loads(_run([python, "-c", SMOKE], tmp_path, env=env).strip().splitlines()[-1])
-    assert Path(result["file"]).is_relative_to(python.parent.parent), result["file"]
+    output = _run([built.python, "-c", SMOKE], tmp_path, env=built.env)
+    result = json.loads(output.strip().splitlines()[-1])
+    assert Path(result["file"]).is_relative_to(built.python.parent.parent), result["file"]
     build = result["build"]
     assert build["loaded"] and build["load_error"] is None
     assert build["torch"] == result["torch"]
