@@ -1,8 +1,9 @@
 """Fixtures of the Triton tests: CPU tensors run the kernels through the Triton interpreter.
 
 TRITON_INTERPRET=1 is set per test (monkeypatch), not at import: it is what lets the
-dispatcher send CPU tensors to the Triton backend, and the kernels' interpreted copy is built
-independently of it (coordgate_ext/triton/_runtime.py), so no other test sees it.
+dispatcher send CPU tensors to the Triton backend. The kernels' interpreted and compiled copies
+are built whatever it says (coordgate_ext/triton/_runtime.py), so the CUDA variants run
+compiled kernels and no other test sees it.
 """
 
 from __future__ import annotations
