@@ -10,7 +10,7 @@ DEPS := $(VENV)/.deps-installed
 # toolkit, this only silences the guess.
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) /usr/local)
 
-.PHONY: setup build test demo bench bench-heap static-report clean
+.PHONY: setup build test demo bench bench-heap static-report gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ bench-heap: build
 static-report: build
 	$(PY) scripts/triton_static_report.py > docs/triton_static_report.md
 	$(PY) scripts/cuda_static_report.py > docs/cuda_static_report.md
+
+# On a machine with one CUDA GPU (docs/gpu_check.md): builds in place for that GPU against
+# $(PYTHON), which must already have a CUDA build of torch (no venv, nothing downloaded), then
+# tests, sanitizes and times every backend. Writes results/gpu/.
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py
 
 clean:
 	rm -rf build dist coordgate_ext/*.so coordgate_ext/_build_info.json

@@ -1,13 +1,24 @@
 """The gated convolution: bare F.conv2d (the bound), the eager reference, the compiled
 reference (torch.compile, the fair baseline for a fused op) and each fused backend, side by
 side, in three modes: training forward (gate computed), forward+backward (all gradients) and
-eval forward (gate cached). float32 on the CPU; every dtype on CUDA when a GPU is present.
-The same shapes with a channels_last input time the bare convolution and the fused backends
-again (cases suffixed "-channels_last"), each against the bare convolution in that layout.
+eval forward (gate cached). On the CPU: five shapes, float32, every provider in every mode. On
+CUDA, when a GPU is present: a trimmed matrix (CUDA_SHAPES, CUDA_DTYPES, the compiled reference
+in bfloat16 training modes only) that fits in five minutes on one H100/H200. The same shapes
+with a channels_last input time the bare convolution and the fused backends again (cases
+suffixed "-channels_last"; bfloat16 only on CUDA), each against the bare convolution in that
+layout.
 
-Run: ``make bench`` (or ``pytest benchmarks/``). Each case first checks that the fused output
-equals the reference. The summary prints ratios, the performance model of DESIGN.md section 6
-and the bytes saved for backward, and writes results/benchmarks.{json,png}.
+Each case first checks that the fused output equals the reference, then calls its callable
+once, untimed, with the timed input and mode (backward included): torch.compile and the Triton
+JIT compile there, never in the warm-up round or the timed rounds. Each compiled case starts
+from torch.compiler.reset(), so that it compiles one static graph for its own shape and dtype
+(dynamo's cache is per function: without the reset, later cases would get dynamic-shape
+recompiles, and past its limit of 8 recompiles, the eager function). On CUDA every timed call
+ends with torch.cuda.synchronize(), so that a median measures the kernels, not their launch.
+
+Run: ``make bench`` (or ``pytest benchmarks/``). The summary prints ratios, the performance
+model of DESIGN.md section 6 and the bytes saved for backward, and writes
+results/benchmarks.{json,png}.
 """
 
 from __future__ import annotations
@@ -24,18 +35,42 @@ import torch.nn.functional as F
 import coordgate_ext as cg
 from coordgate_ext import reference
 
+MODES = ["train_fwd", "fwd+bwd", "eval_fwd"]
+#: Back-to-back rounds of a provider and the bare convolution for the paired ratio.
+PAIRED_ROUNDS = 5
+ENCODER_HIDDEN = 32
+
 # (N, Cin, C, kernel, H, W)
-SHAPES = [
+CPU_SHAPES = [
     (4, 32, 32, 3, 256, 256),
     (8, 64, 64, 3, 128, 128),
     (1, 32, 32, 3, 1024, 1024),
     (16, 16, 16, 5, 128, 128),
     (2, 3, 64, 3, 512, 512),
 ]
-MODES = ["train_fwd", "fwd+bwd", "eval_fwd"]
-#: Back-to-back rounds of a provider and the bare convolution for the paired ratio.
-PAIRED_ROUNDS = 5
-ENCODER_HIDDEN = 32
+CPU_DTYPES = [torch.float32]
+
+# The CUDA matrix, trimmed so that `pytest benchmarks/` fits in 5 minutes on one H100/H200.
+CUDA_SHAPES = [
+    (8, 64, 64, 3, 128, 128),  # the most arithmetic per output (Cin k^2 = 576): the convolution dominates
+    (1, 32, 32, 3, 1024, 1024),  # N = 1 on a large field: the gate is amortised over one sample only
+    (2, 3, 64, 3, 512, 512),  # Cin k^2 = 27: memory-bound, the unfused passes dominate
+]
+#: float16 left out: it moves the same bytes through the same kernels as bfloat16.
+CUDA_DTYPES = [torch.bfloat16, torch.float32]
+#: (dtype, mode) of the compiled reference on CUDA, each case a fresh compile: bfloat16, the
+#: training dtype; not eval_fwd, where the reference is one convolution and one multiply by the
+#: cached gate: little for the compiler to fuse, so the eager reference stands for it.
+CUDA_COMPILED = [(torch.bfloat16, "train_fwd"), (torch.bfloat16, "fwd+bwd")]
+#: channels_last on CUDA in bfloat16 only, the dtype whose convolutions prefer that layout.
+CUDA_CHANNELS_LAST_DTYPES = [torch.bfloat16]
+#: The CUDA run's cost, estimated in seconds rather than measured: "start" (import, CUDA
+#: context), per "case" (set-up, equality check, warm-up, 1 + 5 rounds and the paired ratio's 11
+#: calls, each a few ms at most), per "compile" (torch.compile of the reference, 10-30 s), per
+#: "jit" (the Triton kernels' first compile per shape, dtype and layout). The matrix above has
+#: 141 timed cases (6 compiled) and 3 memory cases in 9 groups:
+#: 15 + 138 x 0.5 + 6 x 20 + 9 x 4 = 240 s of the 300 s budget (tests/test_benchmarks.py).
+CUDA_COST_S = {"start": 15, "case": 0.5, "compile": 20, "jit": 4}
 
 
 def _fused_backends(device: str) -> list[str]:
@@ -44,17 +79,35 @@ def _fused_backends(device: str) -> list[str]:
     return [b for b in candidates if available[b] is None]
 
 
+def _timed_cases(device: str, fused: list[str]) -> list[tuple]:
+    """(shape, dtype, provider, mode) of the contiguous cases: every provider in every mode, and
+    each fused backend with recompute=True (the ungated convolution recomputed in backward
+    instead of saved) where something is saved; on CUDA, the compiled reference in CUDA_COMPILED
+    only."""
+    shapes, dtypes = (CPU_SHAPES, CPU_DTYPES) if device == "cpu" else (CUDA_SHAPES, CUDA_DTYPES)
+    providers = ["bare_conv", "reference", "compiled_reference"] + fused
+    cases = [(p, m) for p in providers for m in MODES] + _recompute_cases(fused)
+    return [(s, d, p, m) for s in shapes for d in dtypes for p, m in cases
+            if p != "compiled_reference" or device == "cpu" or (d, m) in CUDA_COMPILED]
+
+
+def _channels_last_cases(device: str, fused: list[str]) -> list[tuple]:
+    """The same shapes with a channels_last input (the output follows it): the bare convolution
+    and the fused backends only (the references gain nothing from the layout)."""
+    shapes, dtypes = (CPU_SHAPES, CPU_DTYPES) if device == "cpu" else (CUDA_SHAPES, CUDA_CHANNELS_LAST_DTYPES)
+    cases = [(p, m) for p in ["bare_conv"] + fused for m in MODES] + _recompute_cases(fused)
+    return [(s, d, p, m) for s in shapes for d in dtypes for p, m in cases]
+
+
+def _recompute_cases(fused: list[str]) -> list[tuple[str, str]]:
+    return [(f"{b}+recompute", m) for b in fused for m in MODES if m != "eval_fwd"]
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = CPU_SHAPES if DEVICE == "cpu" else CUDA_SHAPES
 FUSED = _fused_backends(DEVICE)
-PROVIDERS = ["bare_conv", "reference", "compiled_reference"] + FUSED
-# (provider, mode): every provider in every mode, and each fused backend with recompute=True
-# (the ungated convolution recomputed in backward instead of saved) where something is saved.
-RECOMPUTE_CASES = [(f"{b}+recompute", m) for b in FUSED for m in MODES if m != "eval_fwd"]
-CASES = [(p, m) for p in PROVIDERS for m in MODES] + RECOMPUTE_CASES
-# The same shapes with a channels_last input (the output follows it): the bare convolution
-# and the fused backends only (the references gain nothing from the layout).
-CHANNELS_LAST_CASES = [(p, m) for p in ["bare_conv"] + FUSED for m in MODES] + RECOMPUTE_CASES
+TIMED_CASES = _timed_cases(DEVICE, FUSED)
+CHANNELS_LAST_CASES = _channels_last_cases(DEVICE, FUSED)
 
 
 def _case_id(shape, dtype=torch.float32, memory_format=torch.contiguous_format):
@@ -90,7 +143,8 @@ def _make(shape, dtype, backend, memory_format=torch.contiguous_format):
 
 
 def _runner(provider, mode, shape, dtype, memory_format=torch.contiguous_format):
-    """A zero-argument callable running ``provider`` in ``mode``, after an equality check."""
+    """A zero-argument callable running ``provider`` in ``mode``, after an equality check and
+    one untimed call."""
     layer, x = _make(shape, dtype, "reference", memory_format)
     if mode == "eval_fwd":
         layer.eval()
@@ -104,17 +158,20 @@ def _runner(provider, mode, shape, dtype, memory_format=torch.contiguous_format)
             torch.testing.assert_close(model(x), layer(x), **tol)
     elif provider == "bare_conv":
         model = lambda inp: F.conv2d(inp, layer.weight, layer.bias, padding=layer.padding)  # noqa: E731
-    elif provider == "compiled_reference" and mode == "eval_fwd":
-        gate = layer.gate_map(*x.shape[-2:]).detach()
-        step = torch.compile(lambda inp, g: reference.gated_conv2d(
-            inp, layer.weight, layer.bias, g, layer.stride, layer.padding, layer.dilation, layer.groups))
-        model = lambda inp: step(inp, gate)  # noqa: E731
     elif provider == "compiled_reference":
-        model = torch.compile(layer)
+        # One static graph per case, compiled afresh (see the module docstring).
+        torch.compiler.reset()
+        if mode == "eval_fwd":
+            gate = layer.gate_map(*x.shape[-2:]).detach()
+            step = torch.compile(lambda inp, g: reference.gated_conv2d(
+                inp, layer.weight, layer.bias, g, layer.stride, layer.padding, layer.dilation, layer.groups))
+            model = lambda inp: step(inp, gate)  # noqa: E731
+        else:
+            model = torch.compile(layer)
     else:
         model = layer
     inp = x.requires_grad_(mode == "fwd+bwd")
-    # The output gradient is made once (in the warm-up): a fresh output-sized tensor per call
+    # The output gradient is made once (in the first call): a fresh output-sized tensor per call
     # would time the harness's page faults, the same for every provider.
     grad_out = []
 
@@ -129,22 +186,38 @@ def _runner(provider, mode, shape, dtype, memory_format=torch.contiguous_format)
             out.backward(grad_out[0])
         return out
 
+    # With the timed input and mode, backward included, so that torch.compile and the Triton
+    # JIT compile here and not in a timed round; synchronised, so that timing starts on an idle GPU.
+    _synchronised(run)()
     return run
 
 
-@pytest.mark.parametrize(("provider", "mode"), CASES, ids=[f"{p}-{m}" for p, m in CASES])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=_case_id)
+def _synchronised(run):
+    """``run`` followed by torch.cuda.synchronize() on CUDA, so that a timer around it measures
+    the kernels, not only their launch; ``run`` itself on the CPU, which adds nothing."""
+    if DEVICE != "cuda":
+        return run
+
+    def synchronised():
+        out = run()
+        torch.cuda.synchronize()
+        return out
+
+    return synchronised
+
+
+def _ids(cases) -> list[str]:
+    return [f"{_case_id(shape)}-{dtype}-{provider}-{mode}" for shape, dtype, provider, mode in cases]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "provider", "mode"), TIMED_CASES, ids=_ids(TIMED_CASES))
 def test_gated_conv2d(benchmark, record_median, record_faults, record_paired, record_model, shape, dtype,
                       provider, mode):
     _time_case(benchmark, record_median, record_faults, record_paired, record_model, shape, dtype, provider,
                mode, torch.contiguous_format)
 
 
-@pytest.mark.parametrize(("provider", "mode"), CHANNELS_LAST_CASES,
-                         ids=[f"{p}-{m}" for p, m in CHANNELS_LAST_CASES])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=_case_id)
+@pytest.mark.parametrize(("shape", "dtype", "provider", "mode"), CHANNELS_LAST_CASES, ids=_ids(CHANNELS_LAST_CASES))
 def test_gated_conv2d_channels_last(benchmark, record_median, record_faults, record_paired, record_model, shape,
                                     dtype, provider, mode):
     _time_case(benchmark, record_median, record_faults, record_paired, record_model, shape, dtype, provider,
@@ -158,7 +231,9 @@ def _time_case(benchmark, record_median, record_faults, record_paired, record_mo
     run = _runner(provider, mode, shape, dtype, memory_format)
     record_model(case, _model(shape, dtype))
     benchmark.group = f"{case} {mode}"
-    benchmark.pedantic(run, rounds=5, warmup_rounds=2)
+    # One warm-up round after _runner's first call: the timed rounds then follow a call made in
+    # the steady state (allocator and caches as they will be).
+    benchmark.pedantic(_synchronised(run), rounds=5, warmup_rounds=1)
     record_median(case, mode, provider, benchmark)
     faults = _minor_faults()
     run()
@@ -185,8 +260,8 @@ def _minor_faults() -> int:
 
 
 def _paired_ratio(run, bare, rounds: int = PAIRED_ROUNDS) -> float:
-    """Median over rounds of time(run) / time(bare), the two timed back to back."""
-    bare()
+    """Median over rounds of time(run) / time(bare), the two timed back to back (both from
+    _runner, so already called once)."""
     ratios = []
     for _ in range(rounds):
         base = _seconds(bare)
