@@ -11,7 +11,7 @@ from torch import nn
 
 import coordgate_ext as cg
 from coordgate_ext import reference
-from conftest import assert_close
+from tests.support import assert_close
 
 DTYPE = torch.float64
 BACKENDS = ["reference", "cpu"]

@@ -13,7 +13,7 @@ from torch.export import Dim, export
 
 import coordgate_ext as cg
 from coordgate_ext.ops import dispatch
-from conftest import assert_close
+from tests.support import assert_close
 
 #: name: (layer factory, the coordgate_ext op its forward becomes, whether it is a fused convolution)
 LAYERS = {

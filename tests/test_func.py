@@ -49,8 +49,7 @@ def _layer(name, backend):
 
 
 def assert_close(actual, expected):
-    """torch.testing's float64 tolerances. Not conftest.assert_close: with a tests/triton file on
-    the same command line, `import conftest` finds tests/triton/conftest.py."""
+    """torch.testing's default tolerances for the dtype compared (float64 here)."""
     torch.testing.assert_close(actual, expected)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import coordgate_ext as cg
-from conftest import assert_close
+from tests.support import assert_close
 
 
 def _calls_to_encoder(layer):

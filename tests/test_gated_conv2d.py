@@ -17,7 +17,7 @@ import torch
 import coordgate_ext as cg
 from coordgate_ext import reference
 from coordgate_ext.ops.gated_conv2d import conv_output_size
-from conftest import assert_close, assert_low_precision
+from tests.support import assert_close, assert_low_precision
 
 # backend-engine: the C++ CPU kernels with each of their convolution engines (ATen's, the
 # implicit GEMM that runs the CUDA kernels' per-element maths from csrc/common, and "auto",

@@ -8,7 +8,7 @@ from torch import nn
 
 import coordgate_ext as cg
 from coordgate_ext.ops import dispatch
-from conftest import assert_close
+from tests.support import assert_close
 
 CONV_ARGS = [
     dict(in_channels=3, out_channels=4, kernel_size=3),

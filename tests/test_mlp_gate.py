@@ -7,7 +7,7 @@ import torch
 
 import coordgate_ext as cg
 from coordgate_ext import reference
-from conftest import assert_close
+from tests.support import assert_close
 
 # (widths 2 -> ... -> C, hidden_activation, gate_activation, height, width)
 CASES = [

@@ -10,7 +10,7 @@ from torch import nn
 
 import coordgate_ext as cg
 from coordgate_ext.nn.models import DEFAULT_GATE, MultiWienerNet, SignalNet, UNet, add_coords, count_parameters
-from conftest import assert_close
+from tests.support import assert_close
 
 DTYPE = torch.float64
 

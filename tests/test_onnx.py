@@ -15,7 +15,7 @@ from torch import nn
 
 import coordgate_ext as cg
 from coordgate_ext.ops import dispatch
-from conftest import assert_close
+from tests.support import assert_close
 
 
 class _MixedUNet(nn.Module):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import coordgate_ext as cg
-from conftest import assert_close
+from tests.support import assert_close
 
 ops = torch.ops.coordgate_ext
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from coordgate_ext import physics
-from conftest import assert_close
+from tests.support import assert_close
 
 DTYPE = torch.float64
 

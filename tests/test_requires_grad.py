@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import coordgate_ext as cg
-from conftest import assert_close
+from tests.support import assert_close
 from tests.support import BACKENDS, device_of
 
 
