@@ -12,10 +12,17 @@ import os
 import sys
 import warnings
 
+import setuptools
 from setuptools import setup
 
-import torch
-from torch.utils import cpp_extension
+# pyproject.toml's SPDX `license` string needs setuptools 77; older ones fail with a schema
+# error that does not say so.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(f"coordgate_ext needs setuptools>=77 to build, found {setuptools.__version__}: "
+             "pip install -U setuptools")
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # setuptools' PEP 517 backend runs this file without its folder on sys.path.

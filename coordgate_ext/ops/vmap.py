@@ -245,8 +245,10 @@ def register_autograd(qualname: str, backward: Callable, *, setup_context: Calla
     namespace, opname = qualname.split("::")
     if namespace not in _LIBRARIES:
         _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
-    # Replaces the kernel that torch.library.register_autograd registered for the op.
-    _LIBRARIES[namespace].impl(opname, autograd_kernel, "Autograd", with_keyset=True)
+    # Replaces the kernel that torch.library.custom_op registered for the op (explicitly
+    # allowed: torch 2.11 refuses an override by default, 2.13 and later allow it).
+    _LIBRARIES[namespace].impl(opname, autograd_kernel, "Autograd", with_keyset=True,
+                               allow_override=True)
 
 
 def register(namespace: str, ops, autograd: Mapping[str, tuple[Callable, Callable]]) -> None:
